@@ -1,0 +1,3 @@
+from pyvhost.cli import main
+
+raise SystemExit(main())
