@@ -1,0 +1,151 @@
+"""The holder of the current region table, and the writer side of every memory-map change.
+
+Readers (workers) read `GuestMemory.table` once per burst, inside `WorkerEpoch.enter/leave`.
+Writers (the protocol thread) go through `_publish()`: swap the table, wait one grace period,
+tell the listeners (queues drop their direct views), and only then unmap what the new table no
+longer holds. A mapping that still has views alive refuses to unmap (BufferError); it is kept on
+a retired list and retried, and counted as leaked if it still cannot go at `close()`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from pyvhost.fd import OwnedFd
+from pyvhost.memory.epoch import EpochDomain, GraceTimeout
+from pyvhost.memory.errors import BadRegionError
+from pyvhost.memory.region import MappedRegion, RegionSpec
+from pyvhost.memory.table import RegionTable
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[RegionTable, RegionTable], None]
+
+
+@dataclass
+class GraceStats:
+    """How long writers waited for readers; the figures the robustness report quotes."""
+
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+    timeouts: int = 0
+    recent: list[float] = field(default_factory=list)
+
+    def record(self, seconds: float) -> None:
+        self.count += 1
+        self.total += seconds
+        self.max = max(self.max, seconds)
+        self.recent.append(seconds)
+        if len(self.recent) > 100_000:
+            del self.recent[:50_000]
+
+
+class GuestMemory:
+    def __init__(self, epochs: EpochDomain | None = None, grace_timeout: float = 1.0) -> None:
+        self.epochs = epochs or EpochDomain()
+        self.table = RegionTable()
+        self.grace = GraceStats()
+        self.grace_timeout = grace_timeout
+        self.leaked_mappings = 0
+        self._listeners: list[Listener] = []
+        self._retired: list[MappedRegion] = []
+        self._writer = threading.Lock()  # writers serialise; readers never take it
+
+    def add_listener(self, listener: Listener) -> None:
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    # -- writer operations (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) --
+
+    def set_regions(self, regions: Iterable[tuple[RegionSpec, OwnedFd]]) -> None:
+        """Replace the whole table. On any bad region nothing changes and every fd is closed."""
+        pending = list(regions)
+        mapped = _map_all(pending)
+        try:
+            new = RegionTable(tuple(mapped))
+        except BadRegionError:
+            _close_new(mapped)
+            raise
+        self._publish(new)
+
+    def add_region(self, spec: RegionSpec, fd: OwnedFd) -> None:
+        region = _map_all([(spec, fd)])[0]
+        with self._writer:
+            try:
+                new = self.table.with_region(region)
+            except BadRegionError:
+                _close_new([region])
+                raise
+            self._publish_locked(new)
+
+    def remove_region(self, spec: RegionSpec) -> None:
+        """REM_MEM_REG: the region is matched by GPA, size and user address (the fd is unused)."""
+        with self._writer:
+            region = self.table.find_exact(spec.guest_phys_addr, spec.memory_size,
+                                           spec.userspace_addr)
+            if region is None:
+                raise BadRegionError(f"no region matches {spec} for removal")
+            self._publish_locked(self.table.without_region(region))
+
+    def clear(self) -> None:
+        self._publish(RegionTable())
+
+    def close(self) -> None:
+        """Unmap everything (connection end). Workers must be stopped or idle by now."""
+        self.clear()
+        self._retry_retired()
+        if self._retired:
+            self.leaked_mappings += len(self._retired)
+            log.error("%d guest mappings still have live views at close: %s",
+                      len(self._retired), self._retired)
+            self._retired.clear()
+
+    # -- the one path every change takes --
+
+    def _publish(self, new: RegionTable) -> None:
+        with self._writer:
+            self._publish_locked(new)
+
+    def _publish_locked(self, new: RegionTable) -> None:
+        new.kernel()  # built here, not on a worker's first burst
+        old, self.table = self.table, new
+        try:
+            self.grace.record(self.epochs.synchronize(self.grace_timeout))
+        except GraceTimeout as exc:
+            # Never block without bound: report, keep the old mappings alive (retired) and go on.
+            self.grace.timeouts += 1
+            log.error("grace period not reached: %s; old mappings kept until later", exc)
+        for listener in list(self._listeners):
+            listener(old, new)
+        old.release_kernel()
+        kept = {id(r) for r in new.regions}
+        self._retired.extend(r for r in old.regions if id(r) not in kept)
+        self._retry_retired()
+
+    def _retry_retired(self) -> None:
+        self._retired = [r for r in self._retired if not r.close()]
+
+
+def _map_all(pending: list[tuple[RegionSpec, OwnedFd]]) -> list[MappedRegion]:
+    mapped: list[MappedRegion] = []
+    try:
+        for spec, fd in pending:
+            mapped.append(MappedRegion(spec, fd))
+    except BadRegionError:
+        _close_new(mapped)
+        for _, fd in pending[len(mapped):]:
+            fd.close()
+        raise
+    return mapped
+
+
+def _close_new(regions: list[MappedRegion]) -> None:
+    for r in regions:
+        r.close()

@@ -1,0 +1,161 @@
+"""The region table: an immutable, sorted, overlap-checked snapshot of guest memory.
+
+A table is never changed in place: adding or removing a region returns a new table, and the
+holder (`GuestMemory`) swaps the reference. A reader that loaded a table keeps a consistent view
+for as long as it holds it; mappings die only after the grace period (see `guest_memory.py`).
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Iterator, NamedTuple
+
+import numpy as np
+from numba.typed import List as TypedList
+
+from pyvhost.memory.address import GuestAddress, UserAddress
+from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
+from pyvhost.memory.region import MappedRegion
+
+MAX_MEM_SLOTS = 509
+
+
+class KernelMemory(NamedTuple):
+    """The table as compiled kernels see it (regions in GPA order)."""
+
+    gpa_start: np.ndarray   # uint64[n]
+    user_start: np.ndarray  # uint64[n]
+    size: np.ndarray        # uint64[n]
+    by_user: np.ndarray     # int64[n]: region indices in user-address order
+    data: TypedList         # typed List of uint8[:] — region bytes
+
+
+class Segment(NamedTuple):
+    """A piece of a translated range that lies inside one region."""
+
+    region: MappedRegion
+    offset: int  # into region.data
+    length: int
+
+
+class RegionTable:
+    __slots__ = ("regions", "_gpa_starts", "_user_order", "_user_starts", "_kernel")
+
+    def __init__(self, regions: tuple[MappedRegion, ...] = ()) -> None:
+        self.regions = tuple(sorted(regions, key=lambda r: r.spec.guest_phys_addr))
+        if len(self.regions) > MAX_MEM_SLOTS:
+            raise BadRegionError(f"{len(self.regions)} regions exceed the {MAX_MEM_SLOTS} slots")
+        self._gpa_starts = [r.spec.guest_phys_addr for r in self.regions]
+        self._user_order = sorted(range(len(self.regions)),
+                                  key=lambda i: self.regions[i].spec.userspace_addr)
+        self._user_starts = [self.regions[i].spec.userspace_addr for i in self._user_order]
+        _check_no_overlap(self.regions, "guest-physical", lambda r: (r.spec.guest_phys_addr,
+                                                                     r.spec.gpa_end))
+        _check_no_overlap([self.regions[i] for i in self._user_order], "user",
+                          lambda r: (r.spec.userspace_addr, r.spec.user_end))
+        self._kernel: KernelMemory | None = None
+
+    def __len__(self) -> int:
+        return len(self.regions)
+
+    def __iter__(self) -> Iterator[MappedRegion]:
+        return iter(self.regions)
+
+    def with_region(self, region: MappedRegion) -> "RegionTable":
+        return RegionTable(self.regions + (region,))
+
+    def without_region(self, region: MappedRegion) -> "RegionTable":
+        return RegionTable(tuple(r for r in self.regions if r is not region))
+
+    def find_exact(self, guest_phys_addr: int, memory_size: int,
+                   userspace_addr: int) -> MappedRegion | None:
+        for r in self.regions:
+            s = r.spec
+            if (s.guest_phys_addr, s.memory_size, s.userspace_addr) == (
+                    guest_phys_addr, memory_size, userspace_addr):
+                return r
+        return None
+
+    def region_at_gpa(self, addr: GuestAddress) -> MappedRegion | None:
+        i = bisect.bisect_right(self._gpa_starts, addr) - 1
+        if i >= 0 and addr < self.regions[i].spec.gpa_end:
+            return self.regions[i]
+        return None
+
+    def region_at_user(self, addr: UserAddress) -> MappedRegion | None:
+        i = bisect.bisect_right(self._user_starts, addr) - 1
+        if i >= 0:
+            r = self.regions[self._user_order[i]]
+            if addr < r.spec.user_end:
+                return r
+        return None
+
+    def translate_gpa(self, addr: GuestAddress, length: int) -> list[Segment]:
+        """Scatter list for [addr, addr+length): each piece clamped to its region's end."""
+        return self._translate(addr, length, "guest-physical", self.region_at_gpa,
+                               lambda r: r.spec.guest_phys_addr)
+
+    def translate_user(self, addr: UserAddress, length: int) -> list[Segment]:
+        return self._translate(addr, length, "user", self.region_at_user,
+                               lambda r: r.spec.userspace_addr)
+
+    def _translate(self, addr, length, space, find, start_of) -> list[Segment]:
+        if length < 0 or addr < 0 or addr + length > 1 << 64:
+            raise AddressNotMappedError(space, addr, length)
+        segments: list[Segment] = []
+        cur, left = addr, length
+        while left > 0:
+            region = find(cur)
+            if region is None:
+                raise AddressNotMappedError(space, addr, length)
+            offset = cur - start_of(region)
+            n = min(left, region.spec.memory_size - offset)
+            segments.append(Segment(region, offset, n))
+            cur += n
+            left -= n
+        return segments
+
+    def contiguous_user_range(self, addr: UserAddress, length: int) -> Segment | None:
+        """The one region holding all of [addr, addr+length), or None (not mapped or split)."""
+        region = self.region_at_user(addr)
+        if region is None or length <= 0:
+            return None
+        offset = addr - region.spec.userspace_addr
+        if offset + length > region.spec.memory_size:
+            return None
+        return Segment(region, offset, length)
+
+    def kernel(self) -> KernelMemory:
+        """The compiled-code form, built once per table (tables are immutable)."""
+        if self._kernel is None:
+            data = TypedList.empty_list(_U8_ARRAY_TYPE)
+            for r in self.regions:
+                data.append(r.data)
+            self._kernel = KernelMemory(
+                np.array([r.spec.guest_phys_addr for r in self.regions], dtype=np.uint64),
+                np.array([r.spec.userspace_addr for r in self.regions], dtype=np.uint64),
+                np.array([r.spec.memory_size for r in self.regions], dtype=np.uint64),
+                np.array(self._user_order, dtype=np.int64),
+                data)
+        return self._kernel
+
+    def release_kernel(self) -> None:
+        """Drop the compiled form's references to region bytes (so the regions can unmap)."""
+        self._kernel = None
+
+
+def _check_no_overlap(ordered, space, bounds) -> None:
+    for a, b in zip(ordered, ordered[1:]):
+        a_start, a_end = bounds(a)
+        b_start, _ = bounds(b)
+        if b_start < a_end:
+            raise BadRegionError(f"regions overlap in {space} space at 0x{b_start:x} "
+                                 f"(previous ends at 0x{a_end:x})")
+
+
+def _u8_array_type():
+    from numba import types
+    return types.Array(types.uint8, 1, "C")
+
+
+_U8_ARRAY_TYPE = _u8_array_type()

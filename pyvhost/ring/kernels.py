@@ -1,0 +1,509 @@
+"""Compiled split-ring primitives: the device side of virtio 1.x 2.7, for both metadata paths.
+
+Every metadata accessor has the seed's shape: `if direct: plain load/store on the view, else:
+translate the ring address through the region table, bounds-check, and copy byte by byte`.
+The queue's flags slot says which path a round runs on, so both paths share one algorithm and
+give identical results by construction.
+
+Guest-controlled values are checked here by hand — numba does no bounds checking: every index
+read from guest memory is compared with its table size before use, every address is translated
+and its whole length checked against the regions. Integer discipline: all arithmetic is in
+int64 (guest addresses at or above 2**63 are treated as unmapped), because numba turns mixed uint64/int64
+arithmetic into floats.
+
+Arguments shared by all kernels:
+  mem    KernelMemory (pyvhost.memory.table): region arrays, GPA order, and region bytes.
+  q      int64[QSTATE_LEN] queue state (slots below); the kernels update it in place.
+  views  (desc DESC_DTYPE[n], avail u16[n+3], used16 u16[2+4n+1], used32 u32[2n]) direct map,
+         zero-length when the queue runs on the copy path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.errors import RingErrorCode as E
+
+# -- queue state slots --
+Q_SIZE = 0
+Q_NEXT_AVAIL = 1        # free-running u16 (0..65535)
+Q_NEXT_USED = 2         # free-running u16
+Q_SIGNALLED_USED = 3    # used idx at the last interrupt decision (event idx)
+Q_SIGNALLED_VALID = 4
+Q_DESC = 5              # ring addresses: frontend user addresses
+Q_AVAIL = 6
+Q_USED = 7
+Q_FLAGS = 8
+Q_ERROR = 9
+Q_ERROR_INFO = 10
+Q_CHAINS = 11           # chains consumed (counter)
+Q_NOTIFY_OFF = 12       # 1 while we asked the driver not to kick
+QSTATE_LEN = 16
+
+F_EVENT_IDX = 1
+F_INDIRECT = 2
+F_DIRECT = 4
+
+SPACE_GPA = 0
+SPACE_USER = 1
+
+ADDR_MAX = (1 << 63) - 1  # larger guest addresses are rejected as unmapped
+U32_MAX = 0xFFFFFFFF
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+
+# ---------------------------------------------------------------- translation (copy path) --
+
+@njit(nogil=True, cache=True)
+def region_index(mem, space, addr):
+    """Index of the region holding `addr` in `space`, or -1. Binary search."""
+    if space == SPACE_GPA:
+        starts = mem.gpa_start
+        lo, hi = 0, starts.shape[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if starts[mid] <= addr:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = lo - 1
+    else:
+        order = mem.by_user
+        starts = mem.user_start
+        lo, hi = 0, order.shape[0]
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if starts[order[mid]] <= addr:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = order[lo - 1] if lo > 0 else -1
+    if i < 0:
+        return -1
+    base = mem.gpa_start[i] if space == SPACE_GPA else mem.user_start[i]
+    if addr - base < mem.size[i]:
+        return i
+    return -1
+
+
+@njit(nogil=True, cache=True)
+def region_offset(mem, space, i, addr):
+    base = mem.gpa_start[i] if space == SPACE_GPA else mem.user_start[i]
+    return addr - base
+
+
+@njit(nogil=True, cache=True)
+def is_mapped(mem, space, addr, length):
+    """True if all of [addr, addr+length) lies in regions (possibly several adjacent ones)."""
+    if addr < 0 or length < 0 or addr > ADDR_MAX - length:
+        return False
+    cur = addr
+    end = addr + length
+    while cur < end:
+        i = region_index(mem, space, cur)
+        if i < 0:
+            return False
+        cur += mem.size[i] - region_offset(mem, space, i, cur)
+    return True
+
+
+@njit(nogil=True, cache=True)
+def load_bytes(mem, space, addr, n):
+    """Little-endian load of n (<= 8) bytes at a translated address. Returns (value, ok)."""
+    value = 0
+    k = 0
+    while k < n:
+        i = region_index(mem, space, addr + k)
+        if i < 0:
+            return 0, False
+        off = region_offset(mem, space, i, addr + k)
+        data = mem.data[i]
+        avail_here = mem.size[i] - off
+        while k < n and avail_here > 0:
+            value |= np.int64(data[off]) << (8 * k)
+            off += 1
+            k += 1
+            avail_here -= 1
+    return value, True
+
+
+@njit(nogil=True, cache=True)
+def store_bytes(mem, space, addr, n, value):
+    """Little-endian store of n (<= 4) bytes at a translated address. Returns ok."""
+    k = 0
+    while k < n:
+        i = region_index(mem, space, addr + k)
+        if i < 0:
+            return False
+        off = region_offset(mem, space, i, addr + k)
+        data = mem.data[i]
+        avail_here = mem.size[i] - off
+        while k < n and avail_here > 0:
+            data[off] = (value >> (8 * k)) & 0xFF
+            off += 1
+            k += 1
+            avail_here -= 1
+    return True
+
+
+@njit(nogil=True, cache=True)
+def copy_from_guest(mem, addr, out, n):
+    """Copy n bytes at GPA addr into out[0:n]; False if any byte is unmapped."""
+    done = 0
+    while done < n:
+        i = region_index(mem, SPACE_GPA, addr + done)
+        if i < 0:
+            return False
+        off = region_offset(mem, SPACE_GPA, i, addr + done)
+        take = min(n - done, mem.size[i] - off)
+        data = mem.data[i]
+        for k in range(take):
+            out[done + k] = data[off + k]
+        done += take
+    return True
+
+
+@njit(nogil=True, cache=True)
+def copy_to_guest(mem, addr, src, src_off, n):
+    """Copy src[src_off:src_off+n] to GPA addr; False if any byte is unmapped."""
+    done = 0
+    while done < n:
+        i = region_index(mem, SPACE_GPA, addr + done)
+        if i < 0:
+            return False
+        off = region_offset(mem, SPACE_GPA, i, addr + done)
+        take = min(n - done, mem.size[i] - off)
+        data = mem.data[i]
+        for k in range(take):
+            data[off + k] = src[src_off + done + k]
+        done += take
+    return True
+
+
+def _fail(q, code, info):
+    q[Q_ERROR] = code
+    q[Q_ERROR_INFO] = info
+
+
+fail = njit(nogil=True, cache=True)(_fail)
+
+
+# ------------------------------------------------------------- metadata accessors (both) --
+
+@njit(nogil=True, cache=True)
+def read_avail_idx(mem, q, views):
+    if q[Q_FLAGS] & F_DIRECT:
+        return np.int64(views[1][1]), True
+    return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 2, 2)
+
+
+@njit(nogil=True, cache=True)
+def read_avail_flags(mem, q, views):
+    if q[Q_FLAGS] & F_DIRECT:
+        return np.int64(views[1][0]), True
+    return load_bytes(mem, SPACE_USER, q[Q_AVAIL], 2)
+
+
+@njit(nogil=True, cache=True)
+def read_avail_slot(mem, q, views, slot):
+    if q[Q_FLAGS] & F_DIRECT:
+        return np.int64(views[1][2 + slot]), True
+    return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * slot, 2)
+
+
+@njit(nogil=True, cache=True)
+def read_used_event(mem, q, views):
+    size = q[Q_SIZE]
+    if q[Q_FLAGS] & F_DIRECT:
+        return np.int64(views[1][2 + size]), True
+    return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * size, 2)
+
+
+@njit(nogil=True, cache=True)
+def read_ring_desc(mem, q, views, i):
+    """Descriptor i of the queue's own table: (addr, len, flags, next, ok)."""
+    if q[Q_FLAGS] & F_DIRECT:
+        d = views[0][i]
+        addr = d["addr"]
+        if addr > np.uint64(ADDR_MAX):
+            return -1, 0, 0, 0, True  # caught as unmapped by the caller
+        return np.int64(addr), np.int64(d["len"]), np.int64(d["flags"]), np.int64(d["next"]), True
+    return read_table_desc(mem, SPACE_USER, q[Q_DESC], i)
+
+
+@njit(nogil=True, cache=True)
+def read_table_desc(mem, space, table, i):
+    """Descriptor i of a table at `table` in `space`, by translated copy."""
+    base = table + 16 * i
+    lo, ok0 = load_bytes(mem, space, base, 4)
+    hi, ok1 = load_bytes(mem, space, base + 4, 4)
+    ln, ok2 = load_bytes(mem, space, base + 8, 4)
+    fl, ok3 = load_bytes(mem, space, base + 12, 2)
+    nx, ok4 = load_bytes(mem, space, base + 14, 2)
+    if not (ok0 and ok1 and ok2 and ok3 and ok4):
+        return 0, 0, 0, 0, False
+    if hi >= 0x80000000:
+        return -1, ln, fl, nx, True
+    return (hi << 32) | lo, ln, fl, nx, True
+
+
+@njit(nogil=True, cache=True)
+def write_used_elem(mem, q, views, slot, head, length):
+    if q[Q_FLAGS] & F_DIRECT:
+        views[3][2 * slot] = head
+        views[3][2 * slot + 1] = length
+        return True
+    base = q[Q_USED] + 4 + 8 * slot
+    return store_bytes(mem, SPACE_USER, base, 4, head) and \
+        store_bytes(mem, SPACE_USER, base + 4, 4, length)
+
+
+@njit(nogil=True, cache=True)
+def write_used_idx(mem, q, views, idx):
+    if q[Q_FLAGS] & F_DIRECT:
+        views[2][1] = idx
+        return True
+    return store_bytes(mem, SPACE_USER, q[Q_USED] + 2, 2, idx)
+
+
+@njit(nogil=True, cache=True)
+def write_used_flags(mem, q, views, flags):
+    if q[Q_FLAGS] & F_DIRECT:
+        views[2][0] = flags
+        return True
+    return store_bytes(mem, SPACE_USER, q[Q_USED], 2, flags)
+
+
+@njit(nogil=True, cache=True)
+def write_avail_event(mem, q, views, idx):
+    size = q[Q_SIZE]
+    if q[Q_FLAGS] & F_DIRECT:
+        views[2][2 + 4 * size] = idx
+        return True
+    return store_bytes(mem, SPACE_USER, q[Q_USED] + 4 + 8 * size, 2, idx)
+
+
+# ------------------------------------------------------------------------ the algorithm --
+
+@njit(nogil=True, cache=True)
+def avail_count(mem, q, views):
+    """Chains the driver has made available past next_avail; -1 (queue broken) on bad input."""
+    idx, ok = read_avail_idx(mem, q, views)
+    if not ok:
+        fail(q, E.RING_UNMAPPED, q[Q_AVAIL])
+        return -1
+    n = (idx - q[Q_NEXT_AVAIL]) & 0xFFFF
+    if n > q[Q_SIZE]:
+        fail(q, E.AVAIL_IDX_JUMP, idx)
+        return -1
+    # Read the ring entries only after avail->idx (2.7.13.3.1 on the driver side pairs with it).
+    fence_acquire()
+    return n
+
+
+@njit(nogil=True, cache=True)
+def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
+    """Walk the chain at avail slot next_avail into the segment arrays from seg_pos.
+
+    Returns (head, new_seg_pos, total_len). head == -1: the queue is broken (q[Q_ERROR] set);
+    head == -2: the segment arrays are full (nothing consumed, try again with room).
+    """
+    size = q[Q_SIZE]
+    slot = q[Q_NEXT_AVAIL] & (size - 1)
+    head, ok = read_avail_slot(mem, q, views, slot)
+    if not ok:
+        fail(q, E.RING_UNMAPPED, q[Q_AVAIL])
+        return -1, seg_pos, 0
+    if head >= size:
+        fail(q, E.HEAD_OUT_OF_RANGE, head)
+        return -1, seg_pos, 0
+    cap = seg_addr.shape[0]
+    pos = seg_pos
+    total = 0
+    seen_write = False
+    indirect = False
+    table = 0
+    table_len = size
+    i = head
+    walked = 0
+    while True:
+        if indirect:
+            addr, length, flags, nxt, ok = read_table_desc(mem, SPACE_GPA, table, i)
+            if not ok:
+                fail(q, E.ADDR_UNMAPPED, table)
+                return -1, seg_pos, 0
+        else:
+            addr, length, flags, nxt, ok = read_ring_desc(mem, q, views, i)
+            if not ok:
+                fail(q, E.RING_UNMAPPED, q[Q_DESC])
+                return -1, seg_pos, 0
+        walked += 1
+        if walked > table_len:
+            fail(q, E.CHAIN_TOO_LONG, head)
+            return -1, seg_pos, 0
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            if indirect:
+                fail(q, E.NESTED_INDIRECT, i)
+                return -1, seg_pos, 0
+            if not (q[Q_FLAGS] & F_INDIRECT):
+                fail(q, E.INDIRECT_NOT_NEGOTIATED, i)
+                return -1, seg_pos, 0
+            if flags & VIRTQ_DESC_F_NEXT:
+                fail(q, E.INDIRECT_WITH_NEXT, i)
+                return -1, seg_pos, 0
+            if length == 0 or length % 16 != 0:
+                fail(q, E.INDIRECT_BAD_LEN, length)
+                return -1, seg_pos, 0
+            if not is_mapped(mem, SPACE_GPA, addr, length):
+                fail(q, E.ADDR_UNMAPPED, addr)
+                return -1, seg_pos, 0
+            indirect = True
+            table = addr
+            table_len = length // 16
+            i = 0
+            walked = 0
+            continue
+        if flags & VIRTQ_DESC_F_WRITE:
+            seen_write = True
+        elif seen_write:
+            fail(q, E.READ_AFTER_WRITE, head)
+            return -1, seg_pos, 0
+        if not is_mapped(mem, SPACE_GPA, addr, length):
+            fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else ADDR_MAX)
+            return -1, seg_pos, 0
+        total += length
+        if total > U32_MAX:
+            fail(q, E.LEN_OVERFLOW, head)
+            return -1, seg_pos, 0
+        if pos >= cap:
+            return -2, seg_pos, 0
+        seg_addr[pos] = addr
+        seg_len[pos] = length
+        seg_flags[pos] = flags & VIRTQ_DESC_F_WRITE
+        pos += 1
+        if not (flags & VIRTQ_DESC_F_NEXT):
+            break
+        if nxt >= table_len:
+            fail(q, E.NEXT_OUT_OF_RANGE, nxt)
+            return -1, seg_pos, 0
+        i = nxt
+    q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
+    q[Q_CHAINS] += 1
+    return head, pos, total
+
+
+@njit(nogil=True, cache=True)
+def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags):
+    """Pop up to max_chains chains. Chain k's segments are [chain_end[k-1], chain_end[k]).
+
+    Returns the number popped, or -1 if the queue broke (chains popped before that are lost to
+    the device; a broken queue needs a reset anyway).
+    """
+    if q[Q_ERROR] != 0:
+        return -1
+    n = avail_count(mem, q, views)
+    if n < 0:
+        return -1
+    n = min(n, max_chains, heads.shape[0])
+    pos = 0
+    for k in range(n):
+        head, pos2, _ = pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
+        if head == -1:
+            return -1
+        if head == -2:
+            if k == 0:
+                fail(q, E.CHAIN_TOO_LONG, -1)
+                return -1
+            return k
+        heads[k] = head
+        chain_end[k] = pos2
+        pos = pos2
+    return n
+
+
+@njit(nogil=True, cache=True)
+def add_used(mem, q, views, head, length):
+    """Write one used element at next_used (not yet published)."""
+    size = q[Q_SIZE]
+    if head < 0 or head >= size:
+        fail(q, E.USED_ID_OUT_OF_RANGE, head)
+        return False
+    if not write_used_elem(mem, q, views, q[Q_NEXT_USED] & (size - 1), head, length):
+        fail(q, E.RING_UNMAPPED, q[Q_USED])
+        return False
+    q[Q_NEXT_USED] = (q[Q_NEXT_USED] + 1) & 0xFFFF
+    return True
+
+
+@njit(nogil=True, cache=True)
+def publish_used(mem, q, views):
+    """Make the written used elements visible: used->idx after the elements (2.7.8)."""
+    fence_release()
+    if not write_used_idx(mem, q, views, q[Q_NEXT_USED]):
+        fail(q, E.RING_UNMAPPED, q[Q_USED])
+        return False
+    return True
+
+
+@njit(nogil=True, cache=True)
+def needs_interrupt(mem, q, views):
+    """Should the device notify the driver now? (2.7.10, vring_need_event; Linux vhost_notify)."""
+    # used->idx must be globally visible before we read the driver's suppression state,
+    # or both sides can decide the other will act (a lost interrupt).
+    fence_seq_cst()
+    if not (q[Q_FLAGS] & F_EVENT_IDX):
+        flags, ok = read_avail_flags(mem, q, views)
+        return ok and not (flags & VRING_AVAIL_F_NO_INTERRUPT)
+    old = q[Q_SIGNALLED_USED]
+    valid = q[Q_SIGNALLED_VALID]
+    new = q[Q_NEXT_USED]
+    q[Q_SIGNALLED_USED] = new
+    q[Q_SIGNALLED_VALID] = 1
+    event, ok = read_used_event(mem, q, views)
+    if not ok:
+        return False
+    if not valid:
+        return True
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+@njit(nogil=True, cache=True)
+def disable_notification(mem, q, views):
+    """Ask the driver not to kick (we are polling). With event idx: leave avail_event behind."""
+    q[Q_NOTIFY_OFF] = 1
+    if not (q[Q_FLAGS] & F_EVENT_IDX):
+        write_used_flags(mem, q, views, VRING_USED_F_NO_NOTIFY)
+
+
+@njit(nogil=True, cache=True)
+def enable_notification(mem, q, views):
+    """Ask for kicks again; True if buffers arrived meanwhile (then keep polling: 2.7.10)."""
+    q[Q_NOTIFY_OFF] = 0
+    if q[Q_FLAGS] & F_EVENT_IDX:
+        write_avail_event(mem, q, views, q[Q_NEXT_AVAIL])
+    else:
+        write_used_flags(mem, q, views, 0)
+    # The flag/event store must be visible before we look at avail->idx again.
+    fence_seq_cst()
+    idx, ok = read_avail_idx(mem, q, views)
+    return ok and idx != q[Q_NEXT_AVAIL]
+
+
+@njit(nogil=True, cache=True)
+def push_used_burst(mem, q, views, heads, lens, n):
+    """Add n used elements, publish once, and return whether to interrupt (-1: broken)."""
+    for k in range(n):
+        if not add_used(mem, q, views, np.int64(heads[k]), np.int64(lens[k])):
+            return -1
+    if n == 0:
+        return 0
+    if not publish_used(mem, q, views):
+        return -1
+    return 1 if needs_interrupt(mem, q, views) else 0

@@ -1,0 +1,278 @@
+"""A split virtqueue, device side: state, the per-round choice of metadata path, and a Python API.
+
+Hot paths call the compiled kernels directly with `round_views()`'s result; this class keeps
+what is not per-packet: addresses, size, features, the direct map and its invalidation, the
+error state, and the statistics the CLI prints.
+
+Theory of a round (one burst): the worker enters its epoch, loads `memory.table`, calls
+`round_views(table)` — which reuses the direct map if it was built for this very table and
+ring-address generation, else tries to build one, else selects the copy path — runs kernels,
+and leaves its epoch. Writers (memory changes, SET_VRING_ADDR, reset) call `invalidate()` and
+then wait for the grace period before replying to the frontend.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import numpy as np
+
+from pyvhost.memory import access
+from pyvhost.memory.address import GuestAddress, UserAddress
+from pyvhost.memory.table import RegionTable
+from pyvhost.ring import kernels as K
+from pyvhost.ring.direct_map import NO_VIEWS, DirectMap, RingViews, build_direct_map
+from pyvhost.ring.errors import RingError, RingErrorCode, describe
+from pyvhost.ring.layout import (AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, USED_IDX,
+                                 is_valid_queue_size)
+
+log = logging.getLogger(__name__)
+
+METADATA_ACCESS_MODES = ("auto", "direct", "copy")
+
+
+class Segment(NamedTuple):
+    addr: GuestAddress
+    length: int
+    writable: bool
+
+
+@dataclass
+class DescriptorChain:
+    """A popped chain: its head index and its buffers as guest-physical segments, in order."""
+
+    head: int
+    segments: list[Segment]
+
+    @property
+    def readable(self) -> list[Segment]:
+        return [s for s in self.segments if not s.writable]
+
+    @property
+    def writable(self) -> list[Segment]:
+        return [s for s in self.segments if s.writable]
+
+    def read(self, table: RegionTable) -> bytes:
+        """All device-readable bytes, in order."""
+        return b"".join(access.read_gpa(table, s.addr, s.length) for s in self.readable)
+
+    def write(self, table: RegionTable, data: bytes) -> int:
+        """Scatter data over the writable buffers; returns the bytes written."""
+        pos = 0
+        for s in self.writable:
+            if pos >= len(data):
+                break
+            piece = data[pos:pos + s.length]
+            access.write_gpa(table, s.addr, piece)
+            pos += len(piece)
+        return pos
+
+
+@dataclass
+class QueueStats:
+    direct_rounds: int = 0
+    copy_rounds: int = 0
+    invalidations: int = 0
+    copy_reasons: dict[str, int] = field(default_factory=dict)
+
+
+class SplitQueue:
+    def __init__(self, index: int, metadata_access: str = "auto", max_burst: int = 256) -> None:
+        if metadata_access not in METADATA_ACCESS_MODES:
+            raise ValueError(f"metadata access must be one of {METADATA_ACCESS_MODES}")
+        self.index = index
+        self.metadata_access = metadata_access
+        self.q = np.zeros(K.QSTATE_LEN, dtype=np.int64)
+        self.stats = QueueStats()
+        self._direct: DirectMap | None = None
+        self._generation = 0
+        self._last_reason = ""
+        self._last_copy_table: RegionTable | None = None
+        self.addresses_set = False
+        self.max_burst = max_burst
+        self._alloc_scratch(max_burst)
+
+    def _alloc_scratch(self, burst: int) -> None:
+        self.heads = np.zeros(burst, dtype=np.int64)
+        self.chain_end = np.zeros(burst, dtype=np.int64)
+        self.lens = np.zeros(burst, dtype=np.int64)
+        segs = burst * 4 + max(self.size, 1024)
+        self.seg_addr = np.zeros(segs, dtype=np.int64)
+        self.seg_len = np.zeros(segs, dtype=np.int64)
+        self.seg_flags = np.zeros(segs, dtype=np.int64)
+
+    # -- configuration (protocol thread; the ring is stopped or the caller waits a grace period)
+
+    @property
+    def size(self) -> int:
+        return int(self.q[K.Q_SIZE])
+
+    def set_size(self, size: int) -> None:
+        if not is_valid_queue_size(size):
+            raise ValueError(f"queue {self.index}: size {size} is not a power of two <= 32768")
+        self.q[K.Q_SIZE] = size
+        self._alloc_scratch(self.max_burst)
+        self.invalidate("size changed")
+
+    def set_addresses(self, desc: UserAddress, avail: UserAddress, used: UserAddress) -> None:
+        for name, addr, align in (("descriptor table", desc, DESC_ALIGN),
+                                  ("avail ring", avail, AVAIL_ALIGN), ("used ring", used, USED_ALIGN)):
+            if not 0 <= addr <= K.ADDR_MAX or addr % align:
+                raise ValueError(f"queue {self.index}: {name} address 0x{addr:x} is not "
+                                 f"{align}-byte aligned or out of range")
+        self.q[K.Q_DESC], self.q[K.Q_AVAIL], self.q[K.Q_USED] = desc, avail, used
+        self.addresses_set = True
+        self.invalidate("ring addresses changed")
+
+    def set_features(self, *, event_idx: bool, indirect: bool) -> None:
+        flags = int(self.q[K.Q_FLAGS]) & ~(K.F_EVENT_IDX | K.F_INDIRECT)
+        self.q[K.Q_FLAGS] = flags | (K.F_EVENT_IDX if event_idx else 0) | (
+            K.F_INDIRECT if indirect else 0)
+
+    @property
+    def next_avail(self) -> int:
+        return int(self.q[K.Q_NEXT_AVAIL])
+
+    @property
+    def next_used(self) -> int:
+        return int(self.q[K.Q_NEXT_USED])
+
+    def set_next_avail(self, idx: int) -> None:
+        """SET_VRING_BASE: where the device resumes in the avail ring."""
+        self.q[K.Q_NEXT_AVAIL] = idx & 0xFFFF
+
+    def sync_used_from_ring(self, table: RegionTable) -> None:
+        """At ring start, continue from the used->idx the guest memory holds (as Linux vhost)."""
+        self.q[K.Q_NEXT_USED] = access.read_user_u16(table, self.q[K.Q_USED] + USED_IDX)
+        self.q[K.Q_SIGNALLED_VALID] = 0
+
+    def reset(self) -> None:
+        size = self.size
+        self.q[:] = 0
+        self.q[K.Q_SIZE] = size
+        self.addresses_set = False
+        self.invalidate("queue reset")
+
+    # -- invalidation and the per-round choice of path --
+
+    def invalidate(self, reason: str) -> None:
+        """Drop the direct map (memory or ring addresses changed). Readers rebuild on next round."""
+        self._generation += 1
+        if self._direct is not None:
+            self.stats.invalidations += 1
+            log.debug("queue %d: direct map dropped (%s)", self.index, reason)
+        self._direct = None
+        self._last_copy_table = None
+
+    def on_memory_change(self, old: RegionTable, new: RegionTable) -> None:
+        self.invalidate("memory table changed")
+
+    def round_views(self, table: RegionTable) -> RingViews:
+        """Views for this round; sets the queue's path flag. Call inside the worker's epoch."""
+        d = self._direct
+        if d is not None and d.table is table and d.generation == self._generation:
+            self.stats.direct_rounds += 1
+            return d.views
+        if self.metadata_access != "copy" and self.addresses_set:
+            if self._last_copy_table is not table:  # don't retry a failed build every round
+                built = build_direct_map(table, self.size, int(self.q[K.Q_DESC]),
+                                         int(self.q[K.Q_AVAIL]), int(self.q[K.Q_USED]),
+                                         self._generation)
+                if isinstance(built, DirectMap):
+                    self._direct = built
+                    self.q[K.Q_FLAGS] |= K.F_DIRECT
+                    self.stats.direct_rounds += 1
+                    return built.views
+                self._note_copy_reason(built, table)
+        self.q[K.Q_FLAGS] &= ~K.F_DIRECT
+        self.stats.copy_rounds += 1
+        return NO_VIEWS
+
+    def _note_copy_reason(self, reason: str, table: RegionTable) -> None:
+        self._last_copy_table = table
+        self.stats.copy_reasons[reason] = self.stats.copy_reasons.get(reason, 0) + 1
+        if reason != self._last_reason:
+            log.debug("queue %d: copy path: %s", self.index, reason)
+            self._last_reason = reason
+
+    def drop_views(self) -> None:
+        """Release every reference to guest memory this queue holds (stop/disconnect)."""
+        self.invalidate("queue stopped")
+
+    # -- errors --
+
+    @property
+    def broken(self) -> bool:
+        return self.q[K.Q_ERROR] != 0
+
+    @property
+    def error(self) -> RingError | None:
+        if not self.broken:
+            return None
+        return RingError(self.index, int(self.q[K.Q_ERROR]), int(self.q[K.Q_ERROR_INFO]))
+
+    def error_text(self) -> str:
+        return describe(int(self.q[K.Q_ERROR]), int(self.q[K.Q_ERROR_INFO])) if self.broken else ""
+
+    def _raise_if_broken(self) -> None:
+        if self.broken:
+            raise self.error  # type: ignore[misc]
+
+    # -- Python API (slow path; devices written in Python, tests) --
+
+    def pop_descriptor_chain(self, table: RegionTable) -> DescriptorChain | None:
+        views = self.round_views(table)
+        mem = table.kernel()
+        self._raise_if_broken()
+        n = K.avail_count(mem, self.q, views)
+        self._raise_if_broken()
+        if n == 0:
+            return None
+        head, end, _ = K.pop_chain(mem, self.q, views, self.seg_addr, self.seg_len,
+                                   self.seg_flags, 0)
+        self._raise_if_broken()
+        return DescriptorChain(int(head), [
+            Segment(GuestAddress(int(self.seg_addr[k])), int(self.seg_len[k]),
+                    bool(self.seg_flags[k])) for k in range(end)])
+
+    def pop_burst(self, table: RegionTable, max_chains: int | None = None) -> list[DescriptorChain]:
+        views = self.round_views(table)
+        n = K.pop_burst(table.kernel(), self.q, views, max_chains or self.max_burst, self.heads,
+                        self.chain_end, self.seg_addr, self.seg_len, self.seg_flags)
+        self._raise_if_broken()
+        chains, start = [], 0
+        for k in range(n):
+            end = int(self.chain_end[k])
+            chains.append(DescriptorChain(int(self.heads[k]), [
+                Segment(GuestAddress(int(self.seg_addr[j])), int(self.seg_len[j]),
+                        bool(self.seg_flags[j])) for j in range(start, end)]))
+            start = end
+        return chains
+
+    def add_used(self, table: RegionTable, head: int, length: int) -> None:
+        """Write one used element and publish it (used->idx)."""
+        views = self.round_views(table)
+        mem = table.kernel()
+        if not (K.add_used(mem, self.q, views, head, length) and K.publish_used(mem, self.q, views)):
+            self._raise_if_broken()
+
+    def push_used(self, table: RegionTable, used: list[tuple[int, int]]) -> bool:
+        """Add a batch of used elements, publish once; returns whether to interrupt the driver."""
+        views = self.round_views(table)
+        n = len(used)
+        heads = np.fromiter((h for h, _ in used), dtype=np.int64, count=n)
+        lens = np.fromiter((ln for _, ln in used), dtype=np.int64, count=n)
+        r = K.push_used_burst(table.kernel(), self.q, views, heads, lens, n)
+        self._raise_if_broken()
+        return r == 1
+
+    def needs_interrupt(self, table: RegionTable) -> bool:
+        return bool(K.needs_interrupt(table.kernel(), self.q, self.round_views(table)))
+
+    def enable_notification(self, table: RegionTable) -> bool:
+        return bool(K.enable_notification(table.kernel(), self.q, self.round_views(table)))
+
+    def disable_notification(self, table: RegionTable) -> None:
+        K.disable_notification(table.kernel(), self.q, self.round_views(table))
