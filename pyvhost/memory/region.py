@@ -41,8 +41,10 @@ class RegionSpec:
         for name, value in (("guest_phys_addr", self.guest_phys_addr),
                             ("userspace_addr", self.userspace_addr),
                             ("mmap_offset", self.mmap_offset)):
-            if value < 0 or value + self.memory_size > 1 << 64:
-                raise BadRegionError(f"region {name}=0x{value:x} + size overflows 64 bits")
+            # Compiled code does its address arithmetic in int64: keep every end below 2**63.
+            if value < 0 or value + self.memory_size > 1 << 63:
+                raise BadRegionError(f"region {name}=0x{value:x} + size 0x{self.memory_size:x} "
+                                     "reaches past 2**63")
 
 
 class MappedRegion:

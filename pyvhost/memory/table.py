@@ -42,9 +42,9 @@ class RegionTable:
     __slots__ = ("regions", "_gpa_starts", "_user_order", "_user_starts", "_kernel")
 
     def __init__(self, regions: tuple[MappedRegion, ...] = ()) -> None:
+        if len(regions) > MAX_MEM_SLOTS:
+            raise BadRegionError(f"{len(regions)} regions exceed the {MAX_MEM_SLOTS} slots")
         self.regions = tuple(sorted(regions, key=lambda r: r.spec.guest_phys_addr))
-        if len(self.regions) > MAX_MEM_SLOTS:
-            raise BadRegionError(f"{len(self.regions)} regions exceed the {MAX_MEM_SLOTS} slots")
         self._gpa_starts = [r.spec.guest_phys_addr for r in self.regions]
         self._user_order = sorted(range(len(self.regions)),
                                   key=lambda i: self.regions[i].spec.userspace_addr)
