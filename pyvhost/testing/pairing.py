@@ -1,0 +1,42 @@
+"""Wire a driver-side test double to the device side in one process, without a socket.
+
+What a vhost-user connection would do — hand the guest's region fds to the backend and tell a
+queue its size, ring addresses and starting index — done directly, for tests, the demo and the
+ring benchmark.
+"""
+
+from __future__ import annotations
+
+from pyvhost.fd import OwnedFd
+from pyvhost.memory.guest_memory import GuestMemory
+from pyvhost.memory.region import RegionSpec
+from pyvhost.ring.split_queue import SplitQueue
+from pyvhost.testing.driver import MockSplitQueue
+from pyvhost.testing.guest_ram import GuestRam
+
+
+def region_specs(ram: GuestRam) -> list[tuple[RegionSpec, OwnedFd]]:
+    """The ram's regions as the backend receives them: new fds it owns, like SCM_RIGHTS gives."""
+    return [(RegionSpec(gpa, size, uaddr, offset), OwnedFd(fd))
+            for fd, gpa, size, uaddr, offset in ram.region_specs(owned=True)]
+
+
+def backend_memory(ram: GuestRam, memory: GuestMemory | None = None) -> GuestMemory:
+    memory = memory or GuestMemory()
+    memory.set_regions(region_specs(ram))
+    return memory
+
+
+def device_queue(driver: MockSplitQueue, memory: GuestMemory, *, index: int = 0,
+                 metadata_access: str = "auto", indirect: bool = True,
+                 max_burst: int = 256) -> SplitQueue:
+    """A device-side queue configured as SET_VRING_NUM/ADDR/BASE would, listening to memory."""
+    queue = SplitQueue(index, metadata_access, max_burst=max_burst)
+    queue.set_size(driver.size)
+    user = driver.ring_addresses().user
+    queue.set_addresses(user.desc_table, user.avail_ring, user.used_ring)
+    queue.set_features(event_idx=driver.event_idx, indirect=indirect)
+    queue.set_next_avail(driver.initial_avail_idx)
+    queue.sync_used_from_ring(memory.table)
+    memory.add_listener(queue.on_memory_change)
+    return queue
