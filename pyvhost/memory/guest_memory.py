@@ -100,7 +100,6 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap everything (connection end). Workers must be stopped or idle by now."""
         self.clear()
-        self._retry_retired()
         if self._retired:
             self.leaked_mappings += len(self._retired)
             log.error("%d guest mappings still have live views at close: %s",
@@ -118,18 +117,23 @@ class GuestMemory:
         old, self.table = self.table, new
         try:
             self.grace.record(self.epochs.synchronize(self.grace_timeout))
+            grace_completed = True
         except GraceTimeout as exc:
             # Never block without bound: report, keep the old mappings alive (retired) and go on.
             self.grace.timeouts += 1
+            grace_completed = False
             log.error("grace period not reached: %s; old mappings kept until later", exc)
         for listener in list(self._listeners):
             listener(old, new)
-        old.release_kernel()
         kept = {id(r) for r in new.regions}
         self._retired.extend(r for r in old.regions if id(r) not in kept)
-        self._retry_retired()
+        if grace_completed:
+            # Every burst that could hold an old table (or its raw host addresses) has ended.
+            old.release_kernel()
+            self._retry_retired()
 
     def _retry_retired(self) -> None:
+        # close() refuses while numpy views of a region live; those regions wait for next time.
         self._retired = [r for r in self._retired if not r.close()]
 
 

@@ -12,10 +12,12 @@ int64 (guest addresses at or above 2**63 are treated as unmapped), because numba
 arithmetic into floats.
 
 Arguments shared by all kernels:
-  mem    KernelMemory (pyvhost.memory.table): region arrays, GPA order, and region bytes.
+  mem    KernelMemory (pyvhost.memory.table): int64 arrays of region starts, sizes and host
+         addresses, GPA order. The copy path reads and writes through the host addresses,
+         which stay valid for the burst because unmapping waits for the grace period.
   q      int64[QSTATE_LEN] queue state (slots below); the kernels update it in place.
-  views  (desc DESC_DTYPE[n], avail u16[n+3], used16 u16[2+4n+1], used32 u32[2n]) direct map,
-         zero-length when the queue runs on the copy path.
+  views  (desc u64[2n], avail u16[n+3], used16 u16[2+4n+1], used32 u32[2n]): the direct map,
+         plain integer views (see direct_map.py), zero-length on the copy path.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.hostmem import load_u8, store_u8
 from pyvhost.ring.errors import RingErrorCode as E
 
 # -- queue state slots --
@@ -65,7 +69,7 @@ VRING_USED_F_NO_NOTIFY = 1
 def region_index(mem, space, addr):
     """Index of the region holding `addr` in `space`, or -1. Binary search."""
     if space == SPACE_GPA:
-        starts = mem.gpa_start
+        starts = mem[KM_GPA_START]
         lo, hi = 0, starts.shape[0]
         while lo < hi:
             mid = (lo + hi) >> 1
@@ -75,8 +79,8 @@ def region_index(mem, space, addr):
                 hi = mid
         i = lo - 1
     else:
-        order = mem.by_user
-        starts = mem.user_start
+        order = mem[KM_BY_USER]
+        starts = mem[KM_USER_START]
         lo, hi = 0, order.shape[0]
         while lo < hi:
             mid = (lo + hi) >> 1
@@ -87,16 +91,14 @@ def region_index(mem, space, addr):
         i = order[lo - 1] if lo > 0 else -1
     if i < 0:
         return -1
-    base = mem.gpa_start[i] if space == SPACE_GPA else mem.user_start[i]
-    if addr - base < mem.size[i]:
+    if addr - region_start(mem, space, i) < mem[KM_SIZE][i]:
         return i
     return -1
 
 
 @njit(nogil=True, cache=True)
-def region_offset(mem, space, i, addr):
-    base = mem.gpa_start[i] if space == SPACE_GPA else mem.user_start[i]
-    return addr - base
+def region_start(mem, space, i):
+    return mem[KM_GPA_START][i] if space == SPACE_GPA else mem[KM_USER_START][i]
 
 
 @njit(nogil=True, cache=True)
@@ -110,46 +112,50 @@ def is_mapped(mem, space, addr, length):
         i = region_index(mem, space, cur)
         if i < 0:
             return False
-        cur += mem.size[i] - region_offset(mem, space, i, cur)
+        cur += mem[KM_SIZE][i] - (cur - region_start(mem, space, i))
     return True
 
 
 @njit(nogil=True, cache=True)
+def host_span(mem, space, addr):
+    """(host address of addr, bytes left in its region), or (0, 0) if unmapped."""
+    i = region_index(mem, space, addr)
+    if i < 0:
+        return 0, 0
+    off = addr - region_start(mem, space, i)
+    return mem[KM_HOST][i] + off, mem[KM_SIZE][i] - off
+
+
+@njit(nogil=True, cache=True)
 def load_bytes(mem, space, addr, n):
-    """Little-endian load of n (<= 8) bytes at a translated address. Returns (value, ok)."""
+    """Little-endian load of n (<= 8) bytes, copied one at a time. Returns (value, ok)."""
     value = 0
     k = 0
     while k < n:
-        i = region_index(mem, space, addr + k)
-        if i < 0:
+        host, left = host_span(mem, space, addr + k)
+        if left == 0:
             return 0, False
-        off = region_offset(mem, space, i, addr + k)
-        data = mem.data[i]
-        avail_here = mem.size[i] - off
-        while k < n and avail_here > 0:
-            value |= np.int64(data[off]) << (8 * k)
-            off += 1
+        while k < n and left > 0:
+            value |= np.int64(load_u8(host)) << (8 * k)
+            host += 1
             k += 1
-            avail_here -= 1
+            left -= 1
     return value, True
 
 
 @njit(nogil=True, cache=True)
 def store_bytes(mem, space, addr, n, value):
-    """Little-endian store of n (<= 4) bytes at a translated address. Returns ok."""
+    """Little-endian store of n (<= 4) bytes, one at a time. Returns ok."""
     k = 0
     while k < n:
-        i = region_index(mem, space, addr + k)
-        if i < 0:
+        host, left = host_span(mem, space, addr + k)
+        if left == 0:
             return False
-        off = region_offset(mem, space, i, addr + k)
-        data = mem.data[i]
-        avail_here = mem.size[i] - off
-        while k < n and avail_here > 0:
-            data[off] = (value >> (8 * k)) & 0xFF
-            off += 1
+        while k < n and left > 0:
+            store_u8(host, (value >> (8 * k)) & 0xFF)
+            host += 1
             k += 1
-            avail_here -= 1
+            left -= 1
     return True
 
 
@@ -158,14 +164,12 @@ def copy_from_guest(mem, addr, out, n):
     """Copy n bytes at GPA addr into out[0:n]; False if any byte is unmapped."""
     done = 0
     while done < n:
-        i = region_index(mem, SPACE_GPA, addr + done)
-        if i < 0:
+        host, left = host_span(mem, SPACE_GPA, addr + done)
+        if left == 0:
             return False
-        off = region_offset(mem, SPACE_GPA, i, addr + done)
-        take = min(n - done, mem.size[i] - off)
-        data = mem.data[i]
+        take = min(n - done, left)
         for k in range(take):
-            out[done + k] = data[off + k]
+            out[done + k] = load_u8(host + k)
         done += take
     return True
 
@@ -175,14 +179,12 @@ def copy_to_guest(mem, addr, src, src_off, n):
     """Copy src[src_off:src_off+n] to GPA addr; False if any byte is unmapped."""
     done = 0
     while done < n:
-        i = region_index(mem, SPACE_GPA, addr + done)
-        if i < 0:
+        host, left = host_span(mem, SPACE_GPA, addr + done)
+        if left == 0:
             return False
-        off = region_offset(mem, SPACE_GPA, i, addr + done)
-        take = min(n - done, mem.size[i] - off)
-        data = mem.data[i]
+        take = min(n - done, left)
         for k in range(take):
-            data[off + k] = src[src_off + done + k]
+            store_u8(host + k, src[src_off + done + k])
         done += take
     return True
 
@@ -230,11 +232,15 @@ def read_used_event(mem, q, views):
 def read_ring_desc(mem, q, views, i):
     """Descriptor i of the queue's own table: (addr, len, flags, next, ok)."""
     if q[Q_FLAGS] & F_DIRECT:
-        d = views[0][i]
-        addr = d["addr"]
+        addr = views[0][2 * i]
+        # len | flags << 32 | next << 48, as little-endian u32, u16, u16 make it.
+        word = views[0][2 * i + 1]
+        length = np.int64(word & np.uint64(0xFFFFFFFF))
+        flags = np.int64((word >> np.uint64(32)) & np.uint64(0xFFFF))
+        nxt = np.int64(word >> np.uint64(48))
         if addr > np.uint64(ADDR_MAX):
-            return -1, 0, 0, 0, True  # caught as unmapped by the caller
-        return np.int64(addr), np.int64(d["len"]), np.int64(d["flags"]), np.int64(d["next"]), True
+            return -1, length, flags, nxt, True  # -1: caught as unmapped by the caller
+        return np.int64(addr), length, flags, nxt, True
     return read_table_desc(mem, SPACE_USER, q[Q_DESC], i)
 
 
