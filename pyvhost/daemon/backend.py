@@ -1,0 +1,604 @@
+"""One frontend connection's vhost-user back-end: the request handlers and the ring life cycle.
+
+Theory of operation. The protocol thread feeds received bytes and fds to `receive()`, which
+decodes them (`BackendProtocol`, sans-I/O), runs one handler per request, and returns the
+bytes (and fds) to send back, in order. A handler returns the payload of the request's own
+reply, or None; when the frontend asked for an ack (REPLY_ACK + NEED_REPLY) it gets 0 after a
+successful handler and 1 after a refused one. A handler refuses with `RequestRefused`: the
+refusal is logged with the connection and request names, and the connection goes on. A
+request this back-end cannot refuse in-band (a GET_* whose reply has no "no") ends the
+connection with `ConnectionFatal`; so does any `RemoteProtocolError` of the codec.
+
+Memory changes (SET_MEM_TABLE, ADD/REM_MEM_REG) go through `GuestMemory`, which returns only
+after the grace period, so every reply goes out when no worker can still use what changed.
+
+Ring life cycle ("Ring states"): a ring starts when it gets its kick fd (or NOFD, or
+VRING_KICK) and stops on GET_VRING_BASE, RESET_DEVICE, SET_STATUS 0 or disconnect. It is
+enabled by SET_VRING_ENABLE, or at start when VHOST_USER_F_PROTOCOL_FEATURES was not
+negotiated. Workers only look at `Vring.running`; this thread clears it and waits a grace
+period (`_stop_worker_use`) before it touches a ring the workers may be running.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+from pyvhost.daemon.eventfd import EventFd
+from pyvhost.daemon.vring import Vring
+from pyvhost.daemon.worker import Worker, group_rings
+from pyvhost.devices.base import ConfigError, Device
+from pyvhost.fd import OwnedFd
+from pyvhost.memory.epoch import GraceTimeout
+from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
+from pyvhost.memory.guest_memory import GuestMemory
+from pyvhost.memory.region import RegionSpec
+from pyvhost.protocol import (
+    EMPTY,
+    U64,
+    BackendProtocol,
+    ConfigSpace,
+    FrontendRequest,
+    MemoryRegionDesc,
+    MemoryTable,
+    Message,
+    Payload,
+    ProtocolFeature,
+    RemoteProtocolError,
+    SingleMemRegion,
+    VringAddr,
+    VringFd,
+    VringState,
+)
+from pyvhost.protocol.constants import (
+    MAX_MEM_SLOTS,
+    VHOST_F_LOG_ALL,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    VHOST_VRING_F_LOG,
+    ConfigFlags,
+)
+from pyvhost.ring import kernels as K
+from pyvhost.ring.layout import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    avail_ring_size,
+    desc_table_size,
+    is_valid_queue_size,
+    used_ring_size,
+)
+from pyvhost.ring.split_queue import SplitQueue
+
+log = logging.getLogger(__name__)
+
+R = FrontendRequest
+P = ProtocolFeature
+
+# Device status bits (virtio 1.x 2.1).
+STATUS_DEVICE_NEEDS_RESET = 0x40
+
+# Protocol features every device gets. LOG_SHMFD is deliberately absent: no dirty logging yet.
+BASE_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.BACKEND_REQ.mask | P.CONFIG.mask
+                          | P.CONFIGURE_MEM_SLOTS.mask | P.RESET_DEVICE.mask | P.STATUS.mask)
+
+
+class RequestRefused(Exception):
+    """The request is refused; the connection goes on (an error ack if one was asked for)."""
+
+
+class ConnectionFatal(Exception):
+    """The request cannot be answered or refused in-band: the connection must close."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    metadata_access: str = "auto"  # auto | direct | copy (SplitQueue)
+    poll: bool = False             # busy-poll workers
+    workers: int = 1
+    max_burst: int = 256
+    grace_timeout: float = 1.0
+
+
+Outgoing = tuple[bytes, Sequence[OwnedFd | int]]
+
+
+class Backend:
+    def __init__(self, device: Device, name: str, options: BackendOptions = BackendOptions()
+                 ) -> None:
+        self.device = device
+        self.name = name
+        self.options = options
+        self.protocol = BackendProtocol()
+        self.memory = GuestMemory(grace_timeout=options.grace_timeout)
+        self.vrings = [Vring(i, SplitQueue(i, options.metadata_access, options.max_burst))
+                       for i in range(device.num_queues)]
+        for vr in self.vrings:
+            self.memory.add_listener(vr.queue.on_memory_change)
+        self.workers: list[Worker] = []
+        self._worker_of: dict[int, Worker] = {}
+        for n, group in enumerate(group_rings(self.vrings, options.workers)):
+            worker = Worker(f"{name}-w{n}", self.memory, device, group, poll_mode=options.poll,
+                            on_broken=self._on_broken)
+            self.workers.append(worker)
+            self._worker_of.update((vr.index, worker) for vr in group)
+        self.features = 0
+        self.protocol_features = 0
+        self.owner = False
+        self.status = 0
+        self.backend_req: OwnedFd | None = None
+        self.queues_broken = 0
+        self.requests = 0
+        self.refused = 0
+        self.closed = False
+        self._handlers: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
+            R.GET_FEATURES: self._get_features,
+            R.SET_FEATURES: self._set_features,
+            R.GET_PROTOCOL_FEATURES: self._get_protocol_features,
+            R.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            R.SET_OWNER: self._set_owner,
+            R.RESET_OWNER: self._reset_owner,
+            R.GET_QUEUE_NUM: lambda msg: U64(self.device.num_queues),
+            R.SET_MEM_TABLE: self._set_mem_table,
+            R.ADD_MEM_REG: self._add_mem_reg,
+            R.REM_MEM_REG: self._rem_mem_reg,
+            R.GET_MAX_MEM_SLOTS: lambda msg: U64(MAX_MEM_SLOTS),
+            R.SET_LOG_BASE: self._no_logging,
+            R.SET_LOG_FD: self._no_logging,
+            R.SET_VRING_NUM: self._set_vring_num,
+            R.SET_VRING_ADDR: self._set_vring_addr,
+            R.SET_VRING_BASE: self._set_vring_base,
+            R.GET_VRING_BASE: self._get_vring_base,
+            R.SET_VRING_KICK: self._set_vring_kick,
+            R.SET_VRING_CALL: self._set_vring_call,
+            R.SET_VRING_ERR: self._set_vring_err,
+            R.VRING_KICK: self._vring_kick,
+            R.SET_VRING_ENABLE: self._set_vring_enable,
+            R.GET_CONFIG: self._get_config,
+            R.SET_CONFIG: self._set_config,
+            R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            R.RESET_DEVICE: self._reset_device,
+            R.SET_STATUS: self._set_status,
+            R.GET_STATUS: self._get_status,
+            R.SEND_RARP: self._accept_net_only,
+            R.NET_SET_MTU: self._accept_net_only,
+        }
+
+    # -- the connection's entry points (protocol thread) ---------------------------------------
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def receive(self, data: bytes, fds: Sequence[OwnedFd]) -> list[Outgoing]:
+        """Handle whatever complete requests `data` finishes; the bytes to send back.
+
+        Raises RemoteProtocolError (bad framing or payload) or ConnectionFatal: the caller
+        logs it and closes the connection.
+        """
+        out: list[Outgoing] = []
+        for msg in self.protocol.receive(data, fds):
+            with msg:  # fds a handler did not take are closed on leaving
+                out.extend(self._dispatch(msg))
+        return out
+
+    @property
+    def offered_protocol_features(self) -> int:
+        return BASE_PROTOCOL_FEATURES | self.device.protocol_features
+
+    @property
+    def offered_features(self) -> int:
+        return self.device.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+
+    def _dispatch(self, msg: Message) -> list[Outgoing]:
+        self.requests += 1
+        handler = self._handlers.get(msg.request)  # type: ignore[arg-type]
+        if handler is None:
+            self.refused += 1
+            log.error("%s: %s not supported", self.name, msg.request.name)
+            try:
+                refusal = self.protocol.not_supported(msg)
+            except RemoteProtocolError as exc:
+                raise ConnectionFatal(f"{msg.request.name} is not supported and its reply "
+                                      "cannot say no") from exc
+            return [(refusal, ())] if refusal is not None else []
+        log.debug("%s: %s %s", self.name, msg.request.name, msg.payload)
+        try:
+            payload = handler(msg)
+        except RequestRefused as exc:
+            self.refused += 1
+            log.error("%s: %s refused: %s", self.name, msg.request.name, exc)
+            return self._refusal(msg)
+        if payload is not None:
+            return [(self.protocol.reply(msg, payload), ())]
+        ack = self.protocol.ack(msg, 0)
+        return [(ack, ())] if ack is not None else []
+
+    def _refusal(self, msg: Message) -> list[Outgoing]:
+        if self.protocol.expects_reply(msg):
+            if msg.request == R.GET_CONFIG:  # "zero length of payload to indicate an error"
+                return [(self.protocol.reply(msg, EMPTY), ())]
+            raise ConnectionFatal(f"{msg.request.name} failed and its reply cannot say so")
+        ack = self.protocol.ack(msg, 1)
+        return [(ack, ())] if ack is not None else []
+
+    # -- features and ownership ----------------------------------------------------------------
+
+    def _get_features(self, msg: Message) -> Payload:
+        return U64(self.offered_features)
+
+    def _set_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        extra = value & ~self.offered_features
+        if value & (1 << VHOST_F_LOG_ALL):
+            raise RequestRefused("VHOST_F_LOG_ALL: dirty logging is not implemented")
+        if extra:
+            raise RequestRefused(f"features 0x{extra:x} were not offered")
+        with self._paused(self.vrings):
+            self.features = value
+            self.device.set_features(value)
+            for vr in self.vrings:
+                vr.queue.set_features(event_idx=bool(value >> VIRTIO_RING_F_EVENT_IDX & 1),
+                                      indirect=bool(value >> VIRTIO_RING_F_INDIRECT_DESC & 1))
+
+    @property
+    def _protocol_features_negotiated(self) -> bool:
+        return bool(self.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1)
+
+    def _get_protocol_features(self, msg: Message) -> Payload:
+        return U64(self.offered_protocol_features)
+
+    def _set_protocol_features(self, msg: Message) -> None:
+        value = _u64(msg)
+        extra = value & ~self.offered_protocol_features
+        self.protocol_features = value
+        if extra:
+            names = [f.name for f in P if extra & f.mask] or [hex(extra)]
+            raise RequestRefused(f"protocol features not offered: {', '.join(names)}")
+
+    def _set_owner(self, msg: Message) -> None:
+        self.owner = True
+
+    def _reset_owner(self, msg: Message) -> None:
+        # Deprecated; "back-ends either ignore this message, or use it to disable all rings".
+        for vr in self.vrings:
+            vr.enabled = False
+            self._update(vr)
+
+    def _no_logging(self, msg: Message) -> None:
+        raise RequestRefused("dirty logging (LOG_SHMFD) is not implemented")
+
+    def _accept_net_only(self, msg: Message) -> None:
+        if self.device.name != "net":
+            raise RequestRefused(f"not a net device ({self.device.name})")
+        log.info("%s: %s accepted (ignored)", self.name, msg.request.name)
+
+    # -- memory ----------------------------------------------------------------------------------
+
+    def _set_mem_table(self, msg: Message) -> None:
+        assert isinstance(msg.payload, MemoryTable)
+        specs = [_region_spec(r) for r in msg.payload.regions]
+        fds = msg.take_fds()
+        try:
+            self.memory.set_regions(zip(specs, fds))  # closes every fd itself on error
+        except BadRegionError as exc:
+            raise RequestRefused(f"memory table not changed: {exc}") from exc
+        log.info("%s: memory table: %d regions, %d MiB", self.name, len(specs),
+                 sum(s.memory_size for s in specs) >> 20)
+
+    def _add_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemRegion)
+        spec = _region_spec(msg.payload.region)
+        try:
+            self.memory.add_region(spec, msg.take_fd())
+        except BadRegionError as exc:
+            raise RequestRefused(f"region not added: {exc}") from exc
+
+    def _rem_mem_reg(self, msg: Message) -> None:
+        assert isinstance(msg.payload, SingleMemRegion)
+        try:
+            self.memory.remove_region(_region_spec(msg.payload.region))
+        except BadRegionError as exc:
+            raise RequestRefused(str(exc)) from exc
+
+    # -- rings -----------------------------------------------------------------------------------
+
+    def _vring(self, index: int) -> Vring:
+        if not 0 <= index < len(self.vrings):
+            raise RequestRefused(f"queue index {index} out of range (device has "
+                                 f"{len(self.vrings)} queues)")
+        return self.vrings[index]
+
+    def _set_vring_num(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.payload.index)
+        size = msg.payload.num
+        if not is_valid_queue_size(size) or size > self.device.max_queue_size:
+            raise RequestRefused(f"queue {vr.index}: size {size} is not a power of two "
+                                 f"<= {self.device.max_queue_size}")
+        with self._paused([vr]):
+            vr.queue.set_size(size)
+
+    def _set_vring_addr(self, msg: Message) -> None:
+        a = msg.payload
+        assert isinstance(a, VringAddr)
+        vr = self._vring(a.index)
+        if a.flags & (1 << VHOST_VRING_F_LOG):
+            raise RequestRefused(f"queue {vr.index}: used-ring logging requested, but dirty "
+                                 "logging is not implemented")
+        if len(self.memory.table):
+            self._check_mapped(vr.index, vr.queue.size, a.desc, a.avail, a.used)
+        with self._paused([vr]):
+            try:
+                vr.queue.set_addresses(a.desc, a.avail, a.used)  # type: ignore[arg-type]
+            except ValueError as exc:
+                raise RequestRefused(str(exc)) from exc
+
+    def _check_mapped(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
+        size = max(size, 1)  # before SET_VRING_NUM: at least the ring's first entry
+        for name, addr, length in (("descriptor table", desc, desc_table_size(size)),
+                                   ("avail ring", avail, avail_ring_size(size)),
+                                   ("used ring", used, used_ring_size(size))):
+            try:
+                self.memory.table.translate_user(addr, length)  # type: ignore[arg-type]
+            except AddressNotMappedError as exc:
+                raise RequestRefused(f"queue {index}: {name} at 0x{addr:x} (+{length}) is "
+                                     "outside every memory region") from exc
+
+    def _set_vring_base(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.payload.index)
+        if msg.payload.num > 0xFFFF:
+            raise RequestRefused(f"queue {vr.index}: base {msg.payload.num:#x} is not a split "
+                                 "ring index (packed rings are not supported)")
+        with self._paused([vr]):
+            vr.queue.set_next_avail(msg.payload.num)
+
+    def _get_vring_base(self, msg: Message) -> Payload:
+        assert isinstance(msg.payload, VringState)
+        index = msg.payload.index
+        if not 0 <= index < len(self.vrings):
+            raise ConnectionFatal(f"GET_VRING_BASE for queue {index}: out of range and the "
+                                  "reply cannot say so")
+        vr = self.vrings[index]
+        self._stop_ring(vr)
+        return VringState(index, vr.queue.next_avail)
+
+    def _set_vring_kick(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringFd)
+        vr = self._vring(msg.payload.index)
+        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"kick{vr.index}")
+        old, vr.kick, vr.kick_polling = vr.kick, new, new is None
+        self._retire(vr, old)
+        if vr.started:
+            self._worker_of[vr.index].wake()
+            return
+        self._start_ring(vr)
+
+    def _vring_kick(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.payload.index)
+        if not vr.started:
+            vr.kick_polling = vr.kick is None
+            self._start_ring(vr)
+        self._worker_of[vr.index].wake()
+
+    def _set_vring_call(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringFd)
+        vr = self._vring(msg.payload.index)
+        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"call{vr.index}")
+        old, vr.call = vr.call, new
+        self._retire(vr, old)
+
+    def _set_vring_err(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringFd)
+        vr = self._vring(msg.payload.index)
+        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"err{vr.index}")
+        old, vr.err = vr.err, new
+        self._retire(vr, old)
+
+    def _set_vring_enable(self, msg: Message) -> None:
+        assert isinstance(msg.payload, VringState)
+        vr = self._vring(msg.payload.index)
+        if msg.payload.num not in (0, 1):
+            raise RequestRefused(f"queue {vr.index}: enable value {msg.payload.num} is not 0/1")
+        vr.enabled = bool(msg.payload.num)
+        self._update(vr)
+
+    def _start_ring(self, vr: Vring) -> None:
+        q = vr.queue
+        if q.size == 0 or not q.addresses_set:
+            raise RequestRefused(f"queue {vr.index}: cannot start before SET_VRING_NUM and "
+                                 "SET_VRING_ADDR")
+        if q.broken:
+            raise RequestRefused(f"queue {vr.index}: broken ({q.error_text()}); reset it first")
+        self._check_mapped(vr.index, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
+                           int(q.q[K.Q_USED]))
+        # Continue from the used index the guest's memory holds (a ring restarted after
+        # GET_VRING_BASE, or a reconnect, must not rewind it).
+        q.sync_used_from_ring(self.memory.table)
+        self.device.on_queue_started(q)
+        self._worker_of[vr.index].ring_starting(vr)
+        vr.started = True
+        vr.broken_reported = False
+        if not self._protocol_features_negotiated:
+            vr.enabled = True  # "the ring starts directly in the enabled state"
+        log.info("%s: queue %d started (size %d, next avail %d, used %d, %s)", self.name,
+                 vr.index, q.size, q.next_avail, q.next_used,
+                 "kick fd" if vr.kick is not None else "polling")
+        self._update(vr)
+
+    def _stop_ring(self, vr: Vring) -> None:
+        """Stop: no worker runs the ring after this returns; its kick fd is closed."""
+        self._stop_worker_use(vr)
+        if vr.started:
+            vr.started = False
+            self.device.on_queue_stopped(vr.queue)
+            log.info("%s: queue %d stopped at avail %d", self.name, vr.index,
+                     vr.queue.next_avail)
+        old, vr.kick = vr.kick, None
+        self._retire(vr, old)
+        vr.queue.drop_views()
+        if vr.queue.broken:
+            vr.queue.reset()  # the frontend re-sends size, addresses and base to restart it
+
+    def _update(self, vr: Vring) -> None:
+        """Make `running`/`process` follow started/enabled/broken (race-free for workers)."""
+        run = vr.started and not vr.queue.broken and (
+            vr.enabled or self.device.runs_when_disabled(vr.index))
+        if vr.running and (not run or vr.process != vr.enabled):
+            self._stop_worker_use(vr)
+        vr.process = vr.enabled
+        if run and not vr.running:
+            vr.running = True
+            self._worker_of[vr.index].wake()
+
+    def _stop_worker_use(self, vr: Vring) -> None:
+        if vr.running:
+            vr.running = False
+        # Even if it looked stopped: a worker that saw it running may be inside a burst.
+        self._grace()
+
+    def _grace(self) -> None:
+        try:
+            self.memory.grace.record(self.memory.epochs.synchronize(self.options.grace_timeout))
+        except GraceTimeout as exc:
+            self.memory.grace.timeouts += 1
+            log.error("%s: %s", self.name, exc)
+
+    @contextmanager
+    def _paused(self, vrings: Sequence[Vring]) -> Iterator[None]:
+        """Change ring state with no worker running these rings; they resume afterwards."""
+        paused = [vr for vr in vrings if vr.running]
+        for vr in paused:
+            vr.running = False
+        if paused:
+            self._grace()
+        try:
+            yield
+        finally:
+            for vr in paused:
+                self._update(vr)
+
+    def _retire(self, vr: Vring, old: EventFd | None) -> None:
+        """Close an fd the worker may be polling, once it has come round and let go of it."""
+        if old is None:
+            return
+        self._worker_of[vr.index].sync()
+        old.close()
+
+    def _on_broken(self, vr: Vring) -> None:
+        """Worker thread: the guest broke this ring. Report it; the ring stays stopped."""
+        if vr.broken_reported:
+            return
+        vr.broken_reported = True
+        self.queues_broken += 1
+        self.status |= STATUS_DEVICE_NEEDS_RESET
+        log.error("%s: queue %d broken by the driver: %s; queue stopped, device needs reset",
+                  self.name, vr.index, vr.queue.error_text())
+        err = vr.err
+        if err is not None and not err.closed:
+            err.signal()
+
+    # -- config, status, reset -------------------------------------------------------------------
+
+    def _get_config(self, msg: Message) -> Payload:
+        c = msg.payload
+        assert isinstance(c, ConfigSpace)
+        try:
+            data = self.device.get_config(c.offset, c.size)
+        except ConfigError as exc:
+            raise RequestRefused(str(exc)) from exc
+        return ConfigSpace(c.offset, len(data), c.flags, data)
+
+    def _set_config(self, msg: Message) -> None:
+        c = msg.payload
+        assert isinstance(c, ConfigSpace)
+        try:
+            self.device.set_config(c.offset, c.payload, c.flags == ConfigFlags.MIGRATION)
+        except ConfigError as exc:
+            raise RequestRefused(str(exc)) from exc
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        if self.backend_req is not None:
+            self.backend_req.close()
+        self.backend_req = msg.take_fd()
+
+    def _reset_device(self, msg: Message) -> None:
+        self._reset("RESET_DEVICE")
+
+    def _set_status(self, msg: Message) -> None:
+        value = _u64(msg)
+        if value > 0xFF:
+            raise RequestRefused(f"status {value:#x} does not fit the 8-bit status field")
+        if value == 0:
+            self._reset("status 0")
+        self.status = value
+
+    def _get_status(self, msg: Message) -> Payload:
+        return U64(self.status)
+
+    def _reset(self, why: str) -> None:
+        """Stop and disable every ring, forget ring state; memory and features stay."""
+        for vr in self.vrings:
+            vr.enabled = False
+            self._stop_ring(vr)
+            vr.queue.reset()
+        self.device.reset()
+        self.device.set_features(self.features)
+        self.status = 0
+        log.info("%s: device reset (%s)", self.name, why)
+
+    # -- statistics and teardown -----------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(self.device.stats())
+        qs = [vr.queue.stats for vr in self.vrings]
+        s["direct_rounds"] = sum(q.direct_rounds for q in qs)
+        s["copy_rounds"] = sum(q.copy_rounds for q in qs)
+        s["invalidations"] = sum(q.invalidations for q in qs)
+        g = self.memory.grace
+        s["grace_periods"] = g.count
+        s["grace_total_s"] = g.total
+        s["grace_max_s"] = g.max
+        s["grace_timeouts"] = g.timeouts
+        s["queues_broken"] = self.queues_broken
+        s["requests"] = self.requests
+        s["requests_refused"] = self.refused
+        return s
+
+    def close(self) -> None:
+        """Disconnect: stop workers' use of every ring, wait a grace period, drop views, unmap
+        guest memory, close every fd. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for vr in self.vrings:
+            vr.running = False
+        self._grace()
+        for worker in self.workers:
+            worker.stop()
+        for vr in self.vrings:
+            if vr.started:
+                vr.started = False
+                self.device.on_queue_stopped(vr.queue)
+            vr.queue.drop_views()
+            for fd in (vr.kick, vr.call, vr.err):
+                if fd is not None:
+                    fd.close()
+            vr.kick = vr.call = vr.err = None
+            self.memory.remove_listener(vr.queue.on_memory_change)
+        self.memory.close()
+        if self.backend_req is not None:
+            self.backend_req.close()
+            self.backend_req = None
+        self.protocol.close()
+
+
+def _u64(msg: Message) -> int:
+    assert isinstance(msg.payload, U64)
+    return msg.payload.value
+
+
+def _region_spec(r: MemoryRegionDesc) -> RegionSpec:
+    return RegionSpec(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)

@@ -1,0 +1,205 @@
+"""Worker threads: each runs the bursts of a fixed group of rings.
+
+Theory of operation. A worker loops over its rings. For each ring it enters its epoch, reads
+the ring's `running` flag (after entering: a protocol thread that clears the flag and then
+waits a grace period is then sure no burst is still using the ring), loads the memory table
+once, picks this round's metadata path (`round_views`), lets the device run one burst (which
+says whether the driver wants an interrupt; the worker then signals the call fd), and leaves
+the epoch. Nothing read inside the
+epoch survives it (the round is a function; its locals die on return).
+
+Two modes:
+- busy-poll: kick notifications are switched off once per ring start (VRING_USED_F_NO_NOTIFY,
+  or an avail_event left behind with EVENT_IDX) and the worker never sleeps while any of its
+  rings runs;
+- interrupt-driven (default): while a ring has work, kicks stay off; when a round finds
+  nothing, kicks are switched back on, and if the ring re-check shows new buffers it goes on
+  (virtio 1.x 2.7.10), else the worker sleeps in poll() on the kick eventfds of its running
+  rings and its own wake-up eventfd, which the protocol thread signals after any change.
+
+Changing the fds a worker polls is made safe by `sync()`: the protocol thread swaps the fd,
+calls `sync()` (which returns once the worker has passed the top of its loop, where it reads
+the ring set afresh), and only then closes the old fd.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+from typing import Callable, Sequence
+
+from pyvhost.daemon.eventfd import EventFd
+from pyvhost.daemon.vring import Vring
+from pyvhost.devices.base import Device
+from pyvhost.memory.epoch import WorkerEpoch
+from pyvhost.memory.guest_memory import GuestMemory
+from pyvhost.ring import kernels as K
+
+log = logging.getLogger(__name__)
+
+# A running ring without a kick fd (NOFD) is polled this often while the worker would sleep.
+NOFD_POLL_MS = 1
+
+
+class Worker:
+    def __init__(self, name: str, memory: GuestMemory, device: Device, vrings: Sequence[Vring],
+                 *, poll_mode: bool, on_broken: Callable[[Vring], None]) -> None:
+        self.name = name
+        self.memory = memory
+        self.device = device
+        self.vrings = tuple(vrings)
+        self.poll_mode = poll_mode
+        self._on_broken = on_broken
+        self._wake = EventFd.create(f"{name}-wake")
+        self._stop = False
+        self._cond = threading.Condition()
+        self._gen = 0
+        self._seen = 0
+        self.rounds = 0
+        self.sleeps = 0
+        # Registered here, before any ring can start, so no grace period can miss this worker.
+        self._epoch: WorkerEpoch = memory.epochs.register(name)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    # -- control (protocol thread) ------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def ring_starting(self, vr: Vring) -> None:
+        """Before `vr.running` is set: reset the worker-private notification mirror."""
+        # Poll mode switches kicks off on the first round; interrupt mode must (re)arm them on
+        # the first idle round, or an EVENT_IDX driver may never kick (avail_event unset).
+        vr.notify_off = not self.poll_mode
+
+    def wake(self) -> None:
+        self._wake.signal()
+
+    def sync(self, timeout: float = 2.0) -> bool:
+        """Return once the worker has re-read its rings' fds since this call (True), or
+        False on timeout. Immediate when the thread is not running."""
+        if not self._thread.is_alive() or threading.current_thread() is self._thread:
+            return True
+        with self._cond:
+            self._gen += 1
+            target = self._gen
+        self._wake.signal()
+        with self._cond:
+            ok = self._cond.wait_for(
+                lambda: self._seen >= target or not self._thread.is_alive(), timeout)
+        if not ok:
+            log.error("%s: did not come round within %.1fs", self.name, timeout)
+        return ok
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop = True
+        self._wake.signal()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("%s: did not stop within %.1fs", self.name, timeout)
+                return  # keep the wake fd: the thread may still poll it
+        self.memory.epochs.unregister(self._epoch)
+        self._wake.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    # -- the loop (worker thread) -------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stop:
+                self._ack()
+                busy = running = False
+                for vr in self.vrings:
+                    if vr.running:
+                        running = True
+                        busy |= self._round(vr)
+                if busy or (self.poll_mode and running):
+                    continue
+                self._idle_wait()
+        except Exception:  # a bug here must not pass silently
+            log.exception("%s: worker crashed; its rings stop", self.name)
+            for vr in self.vrings:
+                vr.running = False
+        finally:
+            with self._cond:
+                self._seen = self._gen
+                self._cond.notify_all()
+
+    def _ack(self) -> None:
+        if self._seen != self._gen:
+            with self._cond:
+                self._seen = self._gen
+                self._cond.notify_all()
+
+    def _round(self, vr: Vring) -> bool:
+        """One burst on one ring; True if it did work or more is pending."""
+        epoch = self._epoch
+        epoch.enter()
+        try:
+            if not vr.running:
+                return False
+            self.rounds += 1
+            queue = vr.queue
+            table = self.memory.table
+            views = queue.round_views(table)
+            mem = table.kernel()
+            if self.poll_mode and not vr.notify_off:
+                K.disable_notification(mem, queue.q, views)
+                vr.notify_off = True
+            if vr.process:
+                done, notify = self.device.process_burst(queue, table, mem, views)
+            else:
+                done, notify = self.device.discard_burst(queue, table, mem, views)
+            if queue.broken:
+                vr.running = False
+            elif done > 0:
+                if notify and vr.call is not None:
+                    vr.call.signal()
+                if not vr.notify_off:
+                    K.disable_notification(mem, queue.q, views)
+                    vr.notify_off = True
+                return True
+            elif not self.poll_mode and vr.notify_off:
+                vr.notify_off = False
+                # True: buffers arrived while kicks were off, so go on (2.7.10).
+                return bool(K.enable_notification(mem, queue.q, views))
+            else:
+                return False
+        finally:
+            epoch.leave()
+        self._on_broken(vr)  # outside the epoch: it logs and signals
+        return False
+
+    def _idle_wait(self) -> None:
+        poller = select.poll()
+        wake = self._wake.fileno()
+        poller.register(wake, select.POLLIN)
+        kicks: dict[int, EventFd] = {}
+        timeout = None
+        for vr in self.vrings:
+            if not vr.running:
+                continue
+            if vr.kick is None:
+                timeout = NOFD_POLL_MS
+            else:
+                kicks[vr.kick.fileno()] = vr.kick
+                poller.register(vr.kick.fileno(), select.POLLIN)
+        self.sleeps += 1
+        for fd, _ in poller.poll(timeout):
+            if fd == wake:
+                self._wake.drain()
+            elif fd in kicks:
+                kicks[fd].drain()
+
+
+def group_rings(vrings: Sequence[Vring], workers: int) -> list[list[Vring]]:
+    """Rings to workers, round robin by index (queue pairs land on different workers)."""
+    groups: list[list[Vring]] = [[] for _ in range(max(1, workers))]
+    for vr in vrings:
+        groups[vr.index % len(groups)].append(vr)
+    return groups

@@ -1,0 +1,139 @@
+"""A minimal virtio-net device (virtio 1.x section 5.1): enough for a driver to transmit.
+
+Queues come in pairs: even index = receiveq (device -> driver), odd index = transmitq
+(driver -> device) (5.1.2). This device has one TX sink, "drop": every TX chain is counted
+(one packet; its bytes are the chain length less the 12-byte virtio_net_hdr that VERSION_1
+always puts first, 5.1.6) and completed with used length 0, since the device wrote nothing.
+RX supplies nothing yet.
+
+The offered features are the ones a TX-only sink can honour without a control queue: no
+VIRTIO_NET_F_MQ (it requires CTRL_VQ, 5.1.3.1), so a driver uses one pair; the vhost-user MQ
+protocol feature still reports every queue the device has.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+import numpy as np
+
+from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.base import Device
+from pyvhost.memory.table import KernelMemory, RegionTable
+from pyvhost.protocol.constants import ProtocolFeature
+from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.layout import (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+                                 VIRTIO_RING_F_INDIRECT_DESC)
+from pyvhost.ring.split_queue import SplitQueue
+
+# Feature bits (5.1.3).
+VIRTIO_NET_F_MTU = 3
+VIRTIO_NET_F_MAC = 5
+VIRTIO_NET_F_MRG_RXBUF = 15
+VIRTIO_NET_F_STATUS = 16
+VIRTIO_NET_F_CTRL_VQ = 17
+VIRTIO_NET_F_MQ = 22
+
+VIRTIO_NET_S_LINK_UP = 1
+# struct virtio_net_hdr with VERSION_1 (num_buffers always present): 12 bytes (5.1.6).
+NET_HDR_SIZE = NK.VIRTIO_NET_HDR_LEN
+
+SINKS = ("drop",)
+
+DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
+# Bursts one worker round may run on a TX ring before it moves on (bounds a grace period).
+ROUNDS_PER_CALL = 8
+
+
+class TxScratch:
+    """Per-queue arrays the compiled TX burst fills (allocated once, reused every burst)."""
+
+    def __init__(self, max_burst: int) -> None:
+        self.max_burst = max_burst
+        self.heads = np.zeros(max_burst, dtype=np.int64)
+        self.chain_end = np.zeros(max_burst, dtype=np.int64)
+        self.frame = np.zeros(NK.HEADER_BYTES, dtype=np.uint8)
+        self.resize(1024)
+
+    def resize(self, queue_size: int) -> None:
+        segs = self.max_burst * 4 + queue_size
+        self.seg_addr = np.zeros(segs, dtype=np.int64)
+        self.seg_len = np.zeros(segs, dtype=np.int64)
+        self.seg_flags = np.zeros(segs, dtype=np.int64)
+
+
+class NetDevice(Device):
+    name = "net"
+    device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+                       | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MAC)
+                       | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF))
+    protocol_features = ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask
+
+    def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
+                 max_burst: int = 256) -> None:
+        super().__init__()
+        if sink not in SINKS:
+            raise ValueError(f"unknown TX sink {sink!r} (have: {', '.join(SINKS)})")
+        if queue_pairs < 1 or len(mac) != 6:
+            raise ValueError("need at least one queue pair and a 6-byte MAC")
+        self.sink = sink
+        self.mac = bytes(mac)
+        self.queue_pairs = queue_pairs
+        self.num_queues = 2 * queue_pairs
+        self.max_burst = max_burst
+        # Per queue: counters of chains processed while enabled, and of those discarded while
+        # disabled (net_kernels.C_* slots; only TX rows are used).
+        self.counters = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
+        self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
+        self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}
+
+    @property
+    def config(self) -> bytes:
+        # struct virtio_net_config (5.1.4): mac[6], status, max_virtqueue_pairs.
+        return self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, self.queue_pairs)
+
+    @staticmethod
+    def is_tx(index: int) -> bool:
+        return index % 2 == 1
+
+    def on_queue_started(self, queue: SplitQueue) -> None:
+        if self.is_tx(queue.index):
+            self._scratch[queue.index].resize(queue.size)
+
+    def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                      views: RingViews) -> tuple[int, bool]:
+        if not self.is_tx(queue.index):
+            return 0, False  # RX: nothing to deliver yet
+        return self._drop(queue, mem, views, self.counters[queue.index])
+
+    def runs_when_disabled(self, index: int) -> bool:
+        return self.is_tx(index)  # a disabled TX ring still consumes and drops (Ring states)
+
+    def discard_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                      views: RingViews) -> tuple[int, bool]:
+        if not self.is_tx(queue.index):
+            return 0, False
+        return self._drop(queue, mem, views, self.discarded[queue.index])
+
+    def _drop(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+              counters: np.ndarray) -> tuple[int, bool]:
+        s = self._scratch[queue.index]
+        done, notify = NK.tx_drop_poll(mem, queue.q, views, s.max_burst, ROUNDS_PER_CALL,
+                                       s.heads, s.chain_end, s.seg_addr, s.seg_len,
+                                       s.seg_flags, s.frame, counters)
+        return max(int(done), 0), bool(notify)
+
+    def stats(self) -> dict[str, Any]:
+        tx = self.counters[1::2]
+        return {
+            "tx_packets": int(tx[:, NK.C_PACKETS].sum()),
+            "tx_bytes": int(tx[:, NK.C_BYTES].sum()),
+            "tx_discarded": int(self.discarded[1::2, NK.C_PACKETS].sum()),
+            "tx_ipv4": int(tx[:, NK.C_IPV4].sum()),
+            "tx_ipv6": int(tx[:, NK.C_IPV6].sum()),
+            "tx_udp": int(tx[:, NK.C_UDP].sum()),
+            "tx_tcp": int(tx[:, NK.C_TCP].sum()),
+            "rx_packets": 0,
+            "rx_bytes": 0,
+        }
