@@ -10,9 +10,9 @@ is "one burst" for the grace-period bound.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from pyvhost.ring import kernels as K
+from pyvhost.ring.jit import kernel
 
 # Counter slots.
 C_PACKETS = 0
@@ -37,7 +37,7 @@ ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def gather_head(mem, seg_addr, seg_len, seg_flags, first, last, out):
     """Copy up to len(out) device-readable bytes of a chain into out; returns bytes copied."""
     got = 0
@@ -51,7 +51,7 @@ def gather_head(mem, seg_addr, seg_len, seg_flags, first, last, out):
     return got
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def classify_frame(frame, n, counters):
     """Count one Ethernet frame (frame[0:n], virtio-net header already stripped) by protocol."""
     if n < 14:
@@ -84,7 +84,7 @@ def classify_frame(frame, n, counters):
         counters[C_OTHER] += 1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags,
                   scratch, counters):
     """One burst: pop, classify, complete. Returns chains done (-1: queue broken)."""
@@ -115,7 +115,7 @@ def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def tx_drop_poll(mem, q, views, max_chains, max_rounds, heads, chain_end, seg_addr, seg_len,
                  seg_flags, scratch, counters):
     """Up to max_rounds bursts while chains keep coming. Returns (chains done, interrupt?)."""

@@ -23,11 +23,11 @@ Arguments shared by all kernels:
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
 from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.hostmem import load_u8, store_u8
+from pyvhost.ring.jit import kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
 # -- queue state slots --
@@ -65,7 +65,7 @@ VRING_USED_F_NO_NOTIFY = 1
 
 # ---------------------------------------------------------------- translation (copy path) --
 
-@njit(nogil=True, cache=True)
+@kernel
 def region_index(mem, space, addr):
     """Index of the region holding `addr` in `space`, or -1. Binary search."""
     if space == SPACE_GPA:
@@ -96,12 +96,12 @@ def region_index(mem, space, addr):
     return -1
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def region_start(mem, space, i):
     return mem[KM_GPA_START][i] if space == SPACE_GPA else mem[KM_USER_START][i]
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def is_mapped(mem, space, addr, length):
     """True if all of [addr, addr+length) lies in regions (possibly several adjacent ones)."""
     if addr < 0 or length < 0 or addr > ADDR_MAX - length:
@@ -116,7 +116,7 @@ def is_mapped(mem, space, addr, length):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def host_span(mem, space, addr):
     """(host address of addr, bytes left in its region), or (0, 0) if unmapped."""
     i = region_index(mem, space, addr)
@@ -126,7 +126,7 @@ def host_span(mem, space, addr):
     return mem[KM_HOST][i] + off, mem[KM_SIZE][i] - off
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def load_bytes(mem, space, addr, n):
     """Little-endian load of n (<= 8) bytes, copied one at a time. Returns (value, ok)."""
     value = 0
@@ -143,7 +143,7 @@ def load_bytes(mem, space, addr, n):
     return value, True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def store_bytes(mem, space, addr, n, value):
     """Little-endian store of n (<= 4) bytes, one at a time. Returns ok."""
     k = 0
@@ -159,7 +159,7 @@ def store_bytes(mem, space, addr, n, value):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def copy_from_guest(mem, addr, out, n):
     """Copy n bytes at GPA addr into out[0:n]; False if any byte is unmapped."""
     done = 0
@@ -174,7 +174,7 @@ def copy_from_guest(mem, addr, out, n):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def copy_to_guest(mem, addr, src, src_off, n):
     """Copy src[src_off:src_off+n] to GPA addr; False if any byte is unmapped."""
     done = 0
@@ -194,33 +194,33 @@ def _fail(q, code, info):
     q[Q_ERROR_INFO] = info
 
 
-fail = njit(nogil=True, cache=True)(_fail)
+fail = kernel(_fail)
 
 
 # ------------------------------------------------------------- metadata accessors (both) --
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_avail_idx(mem, q, views):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][1]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 2, 2)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_avail_flags(mem, q, views):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][0]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL], 2)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_avail_slot(mem, q, views, slot):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][2 + slot]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * slot, 2)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_used_event(mem, q, views):
     size = q[Q_SIZE]
     if q[Q_FLAGS] & F_DIRECT:
@@ -228,7 +228,7 @@ def read_used_event(mem, q, views):
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * size, 2)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_ring_desc(mem, q, views, i):
     """Descriptor i of the queue's own table: (addr, len, flags, next, ok)."""
     if q[Q_FLAGS] & F_DIRECT:
@@ -244,7 +244,7 @@ def read_ring_desc(mem, q, views, i):
     return read_table_desc(mem, SPACE_USER, q[Q_DESC], i)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def read_table_desc(mem, space, table, i):
     """Descriptor i of a table at `table` in `space`, by translated copy."""
     base = table + 16 * i
@@ -260,7 +260,7 @@ def read_table_desc(mem, space, table, i):
     return (hi << 32) | lo, ln, fl, nx, True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def write_used_elem(mem, q, views, slot, head, length):
     if q[Q_FLAGS] & F_DIRECT:
         views[3][2 * slot] = head
@@ -271,7 +271,7 @@ def write_used_elem(mem, q, views, slot, head, length):
         store_bytes(mem, SPACE_USER, base + 4, 4, length)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def write_used_idx(mem, q, views, idx):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][1] = idx
@@ -279,7 +279,7 @@ def write_used_idx(mem, q, views, idx):
     return store_bytes(mem, SPACE_USER, q[Q_USED] + 2, 2, idx)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def write_used_flags(mem, q, views, flags):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][0] = flags
@@ -287,7 +287,7 @@ def write_used_flags(mem, q, views, flags):
     return store_bytes(mem, SPACE_USER, q[Q_USED], 2, flags)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def write_avail_event(mem, q, views, idx):
     size = q[Q_SIZE]
     if q[Q_FLAGS] & F_DIRECT:
@@ -298,7 +298,7 @@ def write_avail_event(mem, q, views, idx):
 
 # ------------------------------------------------------------------------ the algorithm --
 
-@njit(nogil=True, cache=True)
+@kernel
 def avail_count(mem, q, views):
     """Chains the driver has made available past next_avail; -1 (queue broken) on bad input."""
     idx, ok = read_avail_idx(mem, q, views)
@@ -314,7 +314,7 @@ def avail_count(mem, q, views):
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     """Walk the chain at avail slot next_avail into the segment arrays from seg_pos.
 
@@ -405,7 +405,7 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     return head, pos, total
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags):
     """Pop up to max_chains chains. Chain k's segments are [chain_end[k-1], chain_end[k]).
 
@@ -434,7 +434,7 @@ def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
     return n
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def add_used(mem, q, views, head, length):
     """Write one used element at next_used (not yet published)."""
     size = q[Q_SIZE]
@@ -448,7 +448,7 @@ def add_used(mem, q, views, head, length):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def publish_used(mem, q, views):
     """Make the written used elements visible: used->idx after the elements (2.7.8)."""
     fence_release()
@@ -458,7 +458,7 @@ def publish_used(mem, q, views):
     return True
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def needs_interrupt(mem, q, views):
     """Should the device notify the driver now? (2.7.10, vring_need_event; Linux vhost_notify)."""
     # used->idx must be globally visible before we read the driver's suppression state,
@@ -480,7 +480,7 @@ def needs_interrupt(mem, q, views):
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def disable_notification(mem, q, views):
     """Ask the driver not to kick (we are polling). With event idx: leave avail_event behind."""
     q[Q_NOTIFY_OFF] = 1
@@ -488,7 +488,7 @@ def disable_notification(mem, q, views):
         write_used_flags(mem, q, views, VRING_USED_F_NO_NOTIFY)
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def enable_notification(mem, q, views):
     """Ask for kicks again; True if buffers arrived meanwhile (then keep polling: 2.7.10)."""
     q[Q_NOTIFY_OFF] = 0
@@ -502,7 +502,7 @@ def enable_notification(mem, q, views):
     return ok and idx != q[Q_NEXT_AVAIL]
 
 
-@njit(nogil=True, cache=True)
+@kernel
 def push_used_burst(mem, q, views, heads, lens, n):
     """Add n used elements, publish once, and return whether to interrupt (-1: broken)."""
     for k in range(n):
