@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pyvhost.ring import kernels as K
+from pyvhost.ring.hostmem import load_u8
 from pyvhost.ring.jit import kernel
 
 # Counter slots.
@@ -74,6 +75,11 @@ def classify_frame(frame, n, counters):
     elif ethertype == ETH_P_ARP:
         counters[C_ARP] += 1
         return
+    count_l4(proto, counters)
+
+
+@kernel
+def count_l4(proto, counters):
     if proto == 6:
         counters[C_TCP] += 1
     elif proto == 17:
@@ -82,6 +88,42 @@ def classify_frame(frame, n, counters):
         counters[C_ICMP] += 1
     else:
         counters[C_OTHER] += 1
+
+
+@kernel
+def classify_in_place(host, n, counters):
+    """classify_frame for a frame lying contiguously at a host address (no copy): the common
+    case, one descriptor holding the virtio-net header and the whole frame."""
+    ethertype = (np.int64(load_u8(host + 12)) << 8) | load_u8(host + 13)
+    l3 = 14
+    if ethertype == ETH_P_8021Q:
+        ethertype = (np.int64(load_u8(host + 16)) << 8) | load_u8(host + 17)
+        l3 = 18
+    if ethertype == ETH_P_IP:
+        counters[C_IPV4] += 1
+        count_l4(np.int64(load_u8(host + l3 + 9)), counters)
+    elif ethertype == ETH_P_IPV6:
+        counters[C_IPV6] += 1
+        count_l4(np.int64(load_u8(host + l3 + 6)), counters)
+    elif ethertype == ETH_P_ARP:
+        counters[C_ARP] += 1
+    else:
+        count_l4(-1, counters)
+
+
+@kernel
+def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters):
+    first = seg_len[start] if seg_flags[start] == 0 else 0
+    if first >= VIRTIO_NET_HDR_LEN + 18 + 10:  # headers up to the IPv4 protocol, VLAN or not
+        host, left = K.host_span(mem, K.SPACE_GPA, seg_addr[start])
+        if left >= first:
+            classify_in_place(host + VIRTIO_NET_HDR_LEN, first - VIRTIO_NET_HDR_LEN, counters)
+            return
+    got = gather_head(mem, seg_addr, seg_len, seg_flags, start, end, scratch)
+    if got > VIRTIO_NET_HDR_LEN:
+        classify_frame(scratch[VIRTIO_NET_HDR_LEN:], got - VIRTIO_NET_HDR_LEN, counters)
+    else:
+        counters[C_SHORT] += 1
 
 
 @kernel
@@ -98,11 +140,7 @@ def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len
         for j in range(start, end):
             if seg_flags[j] == 0:
                 total += seg_len[j]
-        got = gather_head(mem, seg_addr, seg_len, seg_flags, start, end, scratch)
-        if got > VIRTIO_NET_HDR_LEN:
-            classify_frame(scratch[VIRTIO_NET_HDR_LEN:], got - VIRTIO_NET_HDR_LEN, counters)
-        else:
-            counters[C_SHORT] += 1
+        classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters)
         counters[C_PACKETS] += 1
         counters[C_BYTES] += max(total - VIRTIO_NET_HDR_LEN, 0)
         if not K.add_used(mem, q, views, heads[k], 0):

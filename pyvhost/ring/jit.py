@@ -11,3 +11,10 @@ from numba import njit
 
 def kernel(fn):
     return njit(nogil=True, cache=True, _nrt=False)(fn)
+
+
+def inlined_kernel(fn):
+    """A small kernel inlined into its compiled callers (numba IR inlining): LLVM would not
+    inline it across numba's per-function modules, and each call would copy the exploded
+    array tuples (dozens of words) and lose the optimisations around it."""
+    return njit(nogil=True, cache=True, _nrt=False, inline="always")(fn)

@@ -27,7 +27,7 @@ import numpy as np
 from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.hostmem import load_u8, store_u8
-from pyvhost.ring.jit import kernel
+from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
 # -- queue state slots --
@@ -96,7 +96,7 @@ def region_index(mem, space, addr):
     return -1
 
 
-@kernel
+@inlined_kernel
 def region_start(mem, space, i):
     return mem[KM_GPA_START][i] if space == SPACE_GPA else mem[KM_USER_START][i]
 
@@ -116,7 +116,7 @@ def is_mapped(mem, space, addr, length):
     return True
 
 
-@kernel
+@inlined_kernel
 def host_span(mem, space, addr):
     """(host address of addr, bytes left in its region), or (0, 0) if unmapped."""
     i = region_index(mem, space, addr)
@@ -199,28 +199,28 @@ fail = kernel(_fail)
 
 # ------------------------------------------------------------- metadata accessors (both) --
 
-@kernel
+@inlined_kernel
 def read_avail_idx(mem, q, views):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][1]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 2, 2)
 
 
-@kernel
+@inlined_kernel
 def read_avail_flags(mem, q, views):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][0]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL], 2)
 
 
-@kernel
+@inlined_kernel
 def read_avail_slot(mem, q, views, slot):
     if q[Q_FLAGS] & F_DIRECT:
         return np.int64(views[1][2 + slot]), True
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * slot, 2)
 
 
-@kernel
+@inlined_kernel
 def read_used_event(mem, q, views):
     size = q[Q_SIZE]
     if q[Q_FLAGS] & F_DIRECT:
@@ -228,7 +228,7 @@ def read_used_event(mem, q, views):
     return load_bytes(mem, SPACE_USER, q[Q_AVAIL] + 4 + 2 * size, 2)
 
 
-@kernel
+@inlined_kernel
 def read_ring_desc(mem, q, views, i):
     """Descriptor i of the queue's own table: (addr, len, flags, next, ok)."""
     if q[Q_FLAGS] & F_DIRECT:
@@ -260,7 +260,7 @@ def read_table_desc(mem, space, table, i):
     return (hi << 32) | lo, ln, fl, nx, True
 
 
-@kernel
+@inlined_kernel
 def write_used_elem(mem, q, views, slot, head, length):
     if q[Q_FLAGS] & F_DIRECT:
         views[3][2 * slot] = head
@@ -271,7 +271,7 @@ def write_used_elem(mem, q, views, slot, head, length):
         store_bytes(mem, SPACE_USER, base + 4, 4, length)
 
 
-@kernel
+@inlined_kernel
 def write_used_idx(mem, q, views, idx):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][1] = idx
@@ -279,7 +279,7 @@ def write_used_idx(mem, q, views, idx):
     return store_bytes(mem, SPACE_USER, q[Q_USED] + 2, 2, idx)
 
 
-@kernel
+@inlined_kernel
 def write_used_flags(mem, q, views, flags):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][0] = flags
@@ -287,7 +287,7 @@ def write_used_flags(mem, q, views, flags):
     return store_bytes(mem, SPACE_USER, q[Q_USED], 2, flags)
 
 
-@kernel
+@inlined_kernel
 def write_avail_event(mem, q, views, idx):
     size = q[Q_SIZE]
     if q[Q_FLAGS] & F_DIRECT:
