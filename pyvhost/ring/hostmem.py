@@ -27,3 +27,35 @@ def store_u8(typingctx, addr, value):
         builder.store(byte, ptr)
         return context.get_dummy_value()
     return types.void(types.int64, value), codegen
+
+
+def _atomic_load(bits: int, nbtype):
+    @intrinsic
+    def load(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            return builder.load_atomic(ptr, "monotonic", bits // 8)
+        return nbtype(types.int64), codegen
+    return load
+
+
+def _atomic_store(bits: int, nbtype):
+    @intrinsic
+    def store(typingctx, addr, value):
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            val = context.cast(builder, args[1], signature.args[1], nbtype)
+            builder.store_atomic(val, ptr, "monotonic", bits // 8)
+            return context.get_dummy_value()
+        return types.void(types.int64, value), codegen
+    return store
+
+
+# Single-access (untearable) loads and stores of naturally aligned ring fields: the driver
+# updates avail->idx and reads used->idx concurrently, so a 16-bit index copied byte by byte
+# can be seen half old, half new (observed against DPDK virtio-user: "avail index moved too
+# far"). Relaxed atomics compile to plain movs on x86; the ring's fences still order them.
+load_u16 = _atomic_load(16, types.uint16)
+load_u32 = _atomic_load(32, types.uint32)
+store_u16 = _atomic_store(16, types.uint16)
+store_u32 = _atomic_store(32, types.uint32)

@@ -26,7 +26,7 @@ import numpy as np
 
 from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
-from pyvhost.ring.hostmem import load_u8, store_u8
+from pyvhost.ring.hostmem import load_u8, load_u16, load_u32, store_u8, store_u16, store_u32
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
@@ -128,7 +128,17 @@ def host_span(mem, space, addr):
 
 @kernel
 def load_bytes(mem, space, addr, n):
-    """Little-endian load of n (<= 8) bytes, copied one at a time. Returns (value, ok)."""
+    """Little-endian load of n (<= 8) bytes, copied one at a time. Returns (value, ok).
+
+    A naturally aligned 2- or 4-byte field inside one region (every ring field, 2.7) is read
+    with one access instead, so a concurrent driver update is never seen torn.
+    """
+    host, left = host_span(mem, space, addr)
+    if left >= n and host % n == 0:
+        if n == 2:
+            return np.int64(load_u16(host)), True
+        if n == 4:
+            return np.int64(load_u32(host)), True
     value = 0
     k = 0
     while k < n:
@@ -145,7 +155,19 @@ def load_bytes(mem, space, addr, n):
 
 @kernel
 def store_bytes(mem, space, addr, n, value):
-    """Little-endian store of n (<= 4) bytes, one at a time. Returns ok."""
+    """Little-endian store of n (<= 4) bytes, one at a time. Returns ok.
+
+    Aligned 2- and 4-byte ring fields in one region are written with one access (see
+    load_bytes): a driver polling used->idx must never see it half written.
+    """
+    host, left = host_span(mem, space, addr)
+    if left >= n and host % n == 0:
+        if n == 2:
+            store_u16(host, value & 0xFFFF)
+            return True
+        if n == 4:
+            store_u32(host, value & 0xFFFFFFFF)
+            return True
     k = 0
     while k < n:
         host, left = host_span(mem, space, addr + k)
