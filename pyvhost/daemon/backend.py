@@ -293,13 +293,18 @@ class Backend:
             self.memory.add_region(spec, msg.take_fd())
         except BadRegionError as exc:
             raise RequestRefused(f"region not added: {exc}") from exc
+        log.info("%s: memory region added: GPA 0x%x, %d MiB (%d regions)", self.name,
+                 spec.guest_phys_addr, spec.memory_size >> 20, len(self.memory.table))
 
     def _rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemRegion)
+        spec = _region_spec(msg.payload.region)
         try:
-            self.memory.remove_region(_region_spec(msg.payload.region))
+            self.memory.remove_region(spec)
         except BadRegionError as exc:
             raise RequestRefused(str(exc)) from exc
+        log.info("%s: memory region removed: GPA 0x%x (%d regions)", self.name,
+                 spec.guest_phys_addr, len(self.memory.table))
 
     # -- rings -----------------------------------------------------------------------------------
 
@@ -362,6 +367,8 @@ class Backend:
                                   "reply cannot say so")
         vr = self.vrings[index]
         self._stop_ring(vr)
+        log.info("%s: GET_VRING_BASE queue %d: next avail %d", self.name, index,
+                 vr.queue.next_avail)
         return VringState(index, vr.queue.next_avail)
 
     def _set_vring_kick(self, msg: Message) -> None:
@@ -532,18 +539,22 @@ class Backend:
         if value > 0xFF:
             raise RequestRefused(f"status {value:#x} does not fit the 8-bit status field")
         if value == 0:
-            self._reset("status 0")
+            # QEMU writes status 0 when it stops the device, *before* GET_VRING_BASE: the
+            # rings stop here but keep their positions, or GET_VRING_BASE would report 0
+            # and the driver's buffers would be processed twice after a restart.
+            self._reset("status 0", keep_ring_positions=True)
         self.status = value
 
     def _get_status(self, msg: Message) -> Payload:
         return U64(self.status)
 
-    def _reset(self, why: str) -> None:
+    def _reset(self, why: str, keep_ring_positions: bool = False) -> None:
         """Stop and disable every ring, forget ring state; memory and features stay."""
         for vr in self.vrings:
             vr.enabled = False
             self._stop_ring(vr)
-            vr.queue.reset()
+            if not keep_ring_positions:
+                vr.queue.reset()
         self.device.reset()
         self.device.set_features(self.features)
         self.status = 0
