@@ -573,6 +573,7 @@ class Backend:
         s["grace_total_s"] = g.total
         s["grace_max_s"] = g.max
         s["grace_timeouts"] = g.timeouts
+        s["leaked_mappings"] = self.memory.leaked_mappings
         s["queues_broken"] = self.queues_broken
         s["requests"] = self.requests
         s["requests_refused"] = self.refused
