@@ -157,6 +157,7 @@ class Listener:
             raise
         self._sock = sock
         self._accepted = 0
+        self._inode = os.stat(path).st_ino  # to remove only our own file at close
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -175,7 +176,7 @@ class Listener:
     def close(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
         try:
-            ours = os.stat(self.path).st_ino == os.fstat(self._sock.fileno()).st_ino
+            ours = os.stat(self.path).st_ino == self._inode
         except OSError:
             ours = False
         self._sock.close()
