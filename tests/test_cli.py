@@ -7,13 +7,11 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 
 from pyvhost import __version__
-from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.frontend import VhostUserFrontend
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.testbed import wait_for_socket

@@ -11,7 +11,6 @@ from __future__ import annotations
 import array
 import os
 import socket
-import struct
 import threading
 import time
 
@@ -36,8 +35,7 @@ from pyvhost.protocol import (
     VringFd,
     VringState,
 )
-from pyvhost.protocol.codec import HEADER
-from pyvhost.protocol.constants import NEED_REPLY, VERSION, VHOST_USER_F_PROTOCOL_FEATURES
+from pyvhost.protocol.constants import VHOST_USER_F_PROTOCOL_FEATURES
 from pyvhost.ring.layout import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam

@@ -100,6 +100,10 @@ class Server:
             log.error("%s: protocol error: %s; closing the connection", conn.name, exc)
         except ConnectionFatal as exc:
             log.error("%s: %s; closing the connection", conn.name, exc)
+        except Stopped:
+            raise
+        except Exception:  # our bug: drop this connection, keep serving the next ones
+            log.exception("%s: internal error; closing the connection", conn.name)
         finally:
             backend.close()
             conn.close()

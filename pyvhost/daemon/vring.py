@@ -12,7 +12,7 @@ the queue broken clears it too, and never sets it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pyvhost.daemon.eventfd import EventFd
 from pyvhost.ring.split_queue import SplitQueue
@@ -35,7 +35,6 @@ class Vring:
     #: Worker-private: whether we asked the driver not to kick (a Python mirror of the ring).
     notify_off: bool = False
     broken_reported: bool = False
-    retired_fds: list[EventFd] = field(default_factory=list)
 
     def describe(self) -> str:
         state = "started" if self.started else "stopped"
