@@ -6,7 +6,33 @@ touched; with it, every non-inlined call passing our tuples of arrays paid ~50 n
 increments and decrements — more than the work of a whole descriptor.
 """
 
+import hashlib
+import os
+from pathlib import Path
+
+import numba
 from numba import njit
+
+
+def _source_keyed_cache_dir() -> str:
+    """A cache folder keyed by the source of every module that holds kernels.
+
+    numba's cache checks only the timestamp of the file a function is defined in: a kernel
+    that inlines a changed function from another file would keep running the old code. Keying
+    the folder on all kernel sources makes any change start a fresh cache.
+    """
+    package = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for path in sorted(package.glob("*/*.py")):
+        if path.parent.name in ("ring", "devices", "memory"):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyvhost" / "numba"
+    return str(base / digest.hexdigest()[:16])
+
+
+if not os.environ.get("NUMBA_CACHE_DIR"):  # a user's explicit choice wins
+    numba.config.CACHE_DIR = _source_keyed_cache_dir()
 
 
 def kernel(fn):
