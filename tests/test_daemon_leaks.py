@@ -5,6 +5,7 @@ the server itself leaves nothing once stopped.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -13,11 +14,11 @@ import pytest
 
 from pyvhost.daemon.backend import BackendOptions
 from pyvhost.protocol import FrontendRequest as R
-from pyvhost.protocol import MemoryRegionDesc, SingleMemRegion
+from pyvhost.protocol import MemoryRegionDesc, MemoryTable, SingleMemRegion
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.frontend import VhostUserFrontend
 from pyvhost.testing.guest_ram import GuestRam
-from test_daemon_bad_input import TIMEOUT, ServerThread, hdr, negotiate, transmit
+from test_daemon_bad_input import TIMEOUT, ServerThread, hdr, negotiate, still_serving, transmit
 
 RAM_NAME = "pyvhost-guest-ram"
 
@@ -91,3 +92,75 @@ def test_sessions_leave_no_fds_mappings_or_threads(tmp_path, options):
         finally:
             daemon.stop()
         assert snapshot() == before_server
+
+
+# -- a thousand hostile connections ----------------------------------------------------------
+
+def _truncated_header(fe, ram, short_fd):
+    fe.send_raw(hdr(R.GET_FEATURES, 0)[:7])
+
+
+def _fds_on_no_fd_message(fe, ram, short_fd):
+    fe.send_raw(hdr(R.GET_QUEUE_NUM, 0), [short_fd] * 2)
+
+
+def _unknown_request(fe, ram, short_fd):
+    fe.send_raw(hdr(99, 0))
+
+
+def _bad_version(fe, ram, short_fd):
+    fe.send_raw(hdr(R.GET_FEATURES, 0, flags=0x2))
+
+
+def _size_larger_than_payload(fe, ram, short_fd):
+    fe.send_raw(hdr(R.SET_FEATURES, 8) + b"\x00\x00\x00")
+
+
+def _short_memfd_then_vanish(fe, ram, short_fd):
+    negotiate(fe)
+    table = MemoryTable((MemoryRegionDesc(0, 1 << 20, 0x7F0000000000, 0),))
+    fe.send(R.SET_MEM_TABLE, table, [short_fd], need_reply=True)
+
+
+def _overlap_then_vanish(fe, ram, short_fd):
+    negotiate(fe)
+    fd, gpa, size, uaddr, off = ram.region_specs()[0]
+    table = MemoryTable((MemoryRegionDesc(gpa, size, uaddr, off),
+                         MemoryRegionDesc(gpa + 4096, size, uaddr + (1 << 30), off)))
+    fe.send(R.SET_MEM_TABLE, table, [fd, fd], need_reply=True)
+
+
+def _mapped_then_vanish(fe, ram, short_fd):
+    negotiate(fe)
+    fe.set_mem_table(ram)  # mappings the daemon must drop when the peer goes
+
+
+HOSTILE = [_truncated_header, _fds_on_no_fd_message, _unknown_request, _bad_version,
+           _size_larger_than_payload, _short_memfd_then_vanish, _overlap_then_vanish,
+           _mapped_then_vanish]
+
+
+def test_thousand_hostile_connections_leave_nothing_behind(tmp_path):
+    """Issue: after 1000 bad connections the fd count and mapped memory are back at baseline,
+    and a well-behaved frontend still gets served."""
+    logging.getLogger("pyvhost").setLevel(logging.CRITICAL)  # 1000 expected error lines
+    short = os.memfd_create("short", os.MFD_CLOEXEC)
+    os.ftruncate(short, 4096)
+    try:
+        with GuestRam([(0, 1 << 20)]) as ram:
+            daemon = ServerThread(str(tmp_path / "vhost.sock"))
+            try:
+                idle = snapshot()
+                for n in range(1, 1001):
+                    with VhostUserFrontend(daemon.path, timeout=TIMEOUT) as fe:
+                        HOSTILE[n % len(HOSTILE)](fe, ram, short)
+                    wait_session_end(daemon, n)
+                assert snapshot() == idle
+                assert daemon.server.stats()["leaked_mappings"] == 0
+                logging.getLogger("pyvhost").setLevel(logging.NOTSET)
+                still_serving(daemon, ram)
+            finally:
+                daemon.stop()
+    finally:
+        logging.getLogger("pyvhost").setLevel(logging.NOTSET)
+        os.close(short)
