@@ -104,7 +104,7 @@ def _drop_counters(mode: str, frames: list[bytes]) -> tuple[np.ndarray, list]:
         scratch = np.zeros(NK.HEADER_BYTES, np.uint8)
         table = memory.table
         views = queue.round_views(table)
-        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, 100, queue.heads,
+        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, 100, 0, queue.heads,
                                   queue.chain_end, queue.seg_addr, queue.seg_len, queue.seg_flags,
                                   scratch, counters)
         assert done == len(frames)

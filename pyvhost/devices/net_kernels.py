@@ -154,17 +154,28 @@ def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len
 
 
 @kernel
-def tx_drop_poll(mem, q, views, max_chains, max_rounds, heads, chain_end, seg_addr, seg_len,
-                 seg_flags, scratch, counters):
-    """Up to max_rounds bursts while chains keep coming. Returns (chains done, interrupt?)."""
+def tx_drop_poll(mem, q, views, max_chains, max_rounds, idle_polls, heads, chain_end, seg_addr,
+                 seg_len, seg_flags, scratch, counters):
+    """Up to max_rounds working bursts, looking at an empty ring up to idle_polls times in all.
+
+    Returning to Python costs microseconds per round, so a busy-polling worker keeps polling
+    here, without the GIL, while the driver catches up. Both budgets bound one call, and so the
+    grace period a memory change waits for. Returns (chains done, interrupt?).
+    """
     done = 0
+    rounds = 0
+    idle = 0
     notify_before = counters[C_NOTIFY]
-    for _ in range(max_rounds):
+    while rounds < max_rounds:
         n = tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len,
                           seg_flags, scratch, counters)
         if n < 0:
             return -1, False
         if n == 0:
-            break
+            idle += 1
+            if idle > idle_polls:
+                break
+            continue
         done += n
+        rounds += 1
     return done, counters[C_NOTIFY] != notify_before
