@@ -1,0 +1,42 @@
+"""Command-line options of the vhost benchmark, apart from it so that `pyvhost.cli` can offer
+`pyvhost bench` without importing the harness (which uses pyvhost.testing) for `pyvhost net`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+PYVHOST_COPY = "pyvhost-copy"
+PYVHOST_DIRECT = "pyvhost-direct"
+DPDK_VHOST = "dpdk-vhost"
+TX_CONTENDERS = (PYVHOST_COPY, PYVHOST_DIRECT, DPDK_VHOST)
+DEFAULT_OUT_DIR = "bench/results"  # ignored by git
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The bench options (also used by `pyvhost bench` in pyvhost.cli)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 repetition, 0.5 s warm-up, 1 s windows (under a "
+                             "minute on a quiet machine)")
+    parser.add_argument("--repeat", type=int, default=None, help="repetitions (default 5)")
+    parser.add_argument("--sizes", default="64,1518", help="packet sizes, comma-separated")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds skipped after the generator starts (default 1)")
+    parser.add_argument("--window", type=float, default=None,
+                        help="seconds measured per sample (default 5)")
+    parser.add_argument("--interval", type=float, default=None,
+                        help="seconds between counter readings (default 1)")
+    parser.add_argument("--contenders", default=",".join(TX_CONTENDERS),
+                        help=f"subset of {','.join(TX_CONTENDERS)}")
+    parser.add_argument("--no-rx", action="store_true", help="skip the RX direction")
+    parser.add_argument("--no-huge", action="store_true",
+                        help="testpmd without hugepages (default: hugepages when available)")
+    parser.add_argument("--memory-mib", type=int, default=256, help="testpmd -m (per instance)")
+    parser.add_argument("--backend-cpu", type=int, default=cpus[-1])
+    parser.add_argument("--generator-cpu", type=int, default=cpus[0])
+    parser.add_argument("--load-threshold", type=float, default=0.5,
+                        help="warn when the 1-minute load average at start exceeds this")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"where vhost.json, vhost.md, vhost.png go (default {DEFAULT_OUT_DIR})")
+    return parser

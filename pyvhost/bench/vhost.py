@@ -1,0 +1,766 @@
+"""pyvhost bench: packets/s of pyvhost net against DPDK's C vhost backend, real frontend.
+
+The seed's TX table, reproduced side by side with a C peer. DPDK testpmd with a virtio-user
+port in txonly mode generates on one core; the backend under test receives on the other:
+
+- before: `pyvhost net --poll --metadata-access copy`
+- after:  `pyvhost net --poll --metadata-access direct`
+- C peer: `dpdk-testpmd --vdev net_vhost0,iface=SOCK --forward-mode=rxonly` (DPDK's vhost PMD)
+
+The RX direction (backend generates into virtio-user rxonly) is measured for the vhost PMD in
+txonly mode; pyvhost has no RX generator yet, so its row says so.
+
+Method. Each sample is one fresh backend process and one fresh generator. Contenders alternate
+within every repetition (and the order rotates between repetitions), so machine noise hits
+them alike. After the generator reports forwarding, a warm-up is skipped, then the backend's
+*own* received count is sampled over a fixed window:
+- pyvhost: its periodic statistics lines (`--stats-interval`; each is its own
+  delta-count / delta-t); the lines whose interval lies inside the window are combined,
+  weighted by their length;
+- DPDK: `show port stats all` (interactive testpmd) at the window's start and then every
+  interval; the figure is delta(rx_packets) / delta(t) from the first to the last reading.
+After the window the generator stops forwarding (ports stay up, the backend drains), and the
+backend's final total must equal what the generator sent (`counts_match` in the JSON).
+
+Outputs (in --out-dir): `vhost.json` (every sample, every interval, the machine), `vhost.md`
+(the table: median [min-max] Mpps, ratios), `vhost.png` (bar chart).
+
+    pyvhost bench [--quick] [--repeat N] [--sizes 64,1518] [--no-huge] [--out-dir DIR]
+    python -m pyvhost.bench ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+from pyvhost.bench.options import (DPDK_VHOST, PYVHOST_COPY, PYVHOST_DIRECT, TX_CONTENDERS,
+                                   add_arguments)
+from pyvhost.testing import testbed as tb
+
+# -- contenders ---------------------------------------------------------------------------------
+
+PYVHOST_RX = "pyvhost"
+RX_CONTENDERS = (DPDK_VHOST, PYVHOST_RX)
+
+ROW_LABELS = {
+    ("tx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy`",
+    ("tx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct`",
+    ("tx", DPDK_VHOST): "C peer: DPDK vhost PMD (`rxonly`)",
+    ("rx", DPDK_VHOST): "C peer: DPDK vhost PMD (`txonly`)",
+    ("rx", PYVHOST_RX): "pyvhost",
+}
+SHORT_LABELS = {PYVHOST_COPY: "pyvhost copy", PYVHOST_DIRECT: "pyvhost direct",
+                DPDK_VHOST: "DPDK vhost PMD", PYVHOST_RX: "pyvhost"}
+NO_RX_SOURCE = "n/a (no RX source yet)"
+
+RX_RING_SLACK = 256  # testpmd's default ring size (see measure_rx_dpdk)
+GENERATOR_BOUND = 0.02  # the backend took all but this share of what was offered
+
+
+@dataclasses.dataclass
+class Settings:
+    sizes: list[int]
+    repeat: int
+    warmup: float
+    window: float
+    interval: float
+    hugepages: bool
+    backend_cpu: int
+    generator_cpu: int
+    memory_mib: int
+    rx: bool
+    contenders: list[str]
+    drain: float = 0.5
+
+
+@dataclasses.dataclass
+class Sample:
+    """One measurement: one backend process, one generator, one window."""
+
+    direction: str          # "tx": virtio-user -> backend; "rx": backend -> virtio-user
+    contender: str
+    packet_size: int
+    repetition: int
+    pps: float | None = None            # the figure: backend's own count / window
+    window_s: float | None = None       # the time the figure covers
+    intervals: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    generator_sent: int | None = None   # TX: what virtio-user sent; RX: what the backend
+                                        # delivered into the ring (whole run)
+    refused: int | None = None          # what the sending side offered but found no ring
+                                        # room for (testpmd TX-dropped, whole run)
+    backend_total: int | None = None    # TX: the backend's final count; RX: what virtio-user
+                                        # received (whole run)
+    counts_match: bool | None = None    # backend_total == generator_sent (RX: see RX_RING_SLACK)
+    limited_by: str | None = None       # "backend", or the other side when it set the pace
+    backend_cpu_share: float | None = None    # CPU time / wall time of the backend, window
+    generator_cpu_share: float | None = None
+    rounds_per_s: float | None = None   # pyvhost only: worker rounds per second, window
+    started: str = ""
+    seconds: float | None = None
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def mpps(self) -> float | None:
+        return None if self.pps is None else self.pps / 1e6
+
+
+# -- machine ------------------------------------------------------------------------------------
+
+
+def machine_description(hugepages: bool) -> dict[str, Any]:
+    cpu_model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu_model = line.split(":", 1)[1].strip()
+                break
+    meminfo = {}
+    with contextlib.suppress(OSError, ValueError):
+        meminfo = tb._meminfo()
+    return {
+        "cpu_model": cpu_model,
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "hostname": platform.node(),
+        "python": platform.python_version(),
+        "dpdk": _dpdk_version(),
+        "pyvhost_commit": _git_commit(),
+        "hugepages": hugepages,
+        "hugepages_total": meminfo.get("HugePages_Total"),
+        "hugepages_free": meminfo.get("HugePages_Free"),
+        "hugepage_kib": meminfo.get("Hugepagesize"),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def _dpdk_version() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "dpdk"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return None
+
+
+def _git_commit() -> str | None:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", str(tb.REPO_ROOT), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    return None
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (all its threads), from /proc."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _share(before: float | None, after: float | None, wall: float) -> float | None:
+    if before is None or after is None or wall <= 0:
+        return None
+    return round((after - before) / wall, 3)
+
+
+def _pyvhost_rx_sources() -> list[str]:
+    """The RX sources `pyvhost net` offers (`--source`), or [] while it has none."""
+    from pyvhost.cli import build_parser
+
+    parser = build_parser()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and "net" in action.choices:
+            for opt in action.choices["net"]._actions:
+                if "--source" in opt.option_strings:
+                    return list(opt.choices or [opt.default or "?"])
+    return []
+
+
+# -- pyvhost as a backend process ------------------------------------------------------------
+
+# The statistics line of `pyvhost net` (pyvhost.cli.format_rates).
+_RATE_LINE = re.compile(
+    r"^tx\s+(?P<mpps>[\d.]+) Mpps\s+(?P<gbps>[\d.]+) Gbit/s \| rounds direct\s+(?P<direct>\d+)/s"
+    r" copy\s+(?P<copy>\d+)/s")
+
+
+class PyvhostProcess:
+    """`pyvhost net --poll` pinned to one CPU; its statistics lines timestamped as they come."""
+
+    def __init__(self, socket_path: Path, stats_json: Path, metadata_access: str, cpu: int,
+                 interval: float) -> None:
+        self.socket_path = socket_path
+        self.stats_json = stats_json
+        self.argv = ["taskset", "-c", str(cpu), sys.executable, "-m", "pyvhost", "net",
+                     "--socket-path", str(socket_path), "--poll",
+                     "--metadata-access", metadata_access, "--stats-json", str(stats_json),
+                     "--stats-interval", str(interval), "--log-level", "WARNING"]
+        self.rates: list[tuple[float, dict[str, float]]] = []  # (arrival, parsed line)
+        self.log: list[str] = []
+        self._proc: subprocess.Popen | None = None
+        self._reader: threading.Thread | None = None
+
+    def __enter__(self) -> "PyvhostProcess":
+        self._proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True, start_new_session=True)
+        self._reader = threading.Thread(target=self._read, name="pyvhost-stats", daemon=True)
+        self._reader.start()
+        try:
+            tb.wait_for_socket(self.socket_path, timeout=120)
+            if self._proc.poll() is not None:
+                raise tb.TestbedError(f"pyvhost exited {self._proc.returncode}:\n{self.tail()}")
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def _read(self) -> None:
+        assert self._proc is not None and self._proc.stderr is not None
+        for line in self._proc.stderr:
+            now = time.monotonic()
+            line = line.rstrip("\n")
+            match = _RATE_LINE.match(line)
+            if match:
+                self.rates.append((now, {k: float(v) for k, v in match.groupdict().items()}))
+            else:
+                self.log.append(line)
+
+    def tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log[-lines:])
+
+    def stop(self, timeout: float = 20.0) -> dict[str, Any]:
+        """SIGINT; the final statistics it wrote."""
+        self.close(timeout)
+        if self._proc is not None and self._proc.returncode != 0:
+            raise tb.TestbedError(f"pyvhost exited {self._proc.returncode}:\n{self.tail()}")
+        try:
+            return json.loads(self.stats_json.read_text())
+        except (OSError, ValueError) as exc:
+            raise tb.TestbedError(f"pyvhost wrote no statistics ({exc}):\n{self.tail()}") from exc
+
+    def close(self, timeout: float = 20.0) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self._reader is not None:
+            self._reader.join(5)
+        self.socket_path.unlink(missing_ok=True)
+
+    def window_rate(self, t0: float, t1: float, interval: float) -> tuple[float | None, float,
+                                                                          list[dict], float | None]:
+        """(pps, seconds covered, intervals, rounds/s) from the lines whose interval lies in
+        [t0, t1]. A line's interval ends at its arrival and began at the previous line's."""
+        picked = []
+        prev = None
+        slack = min(0.1, interval / 4)
+        for arrival, values in list(self.rates):
+            begin = prev if prev is not None else arrival - interval
+            prev = arrival
+            if begin >= t0 - slack and arrival <= t1 + slack:
+                picked.append((arrival, arrival - begin, values))
+        intervals = [{"t": round(a - t0, 3), "dt": round(dt, 3), "pps": v["mpps"] * 1e6,
+                      "rounds_per_s": v["direct"] + v["copy"]} for a, dt, v in picked]
+        covered = sum(dt for _, dt, _ in picked)
+        if not picked or covered <= 0:
+            return None, 0.0, intervals, None
+        pps = sum(v["mpps"] * 1e6 * dt for _, dt, v in picked) / covered
+        rounds = sum((v["direct"] + v["copy"]) * dt for _, dt, v in picked) / covered
+        return pps, covered, intervals, rounds
+
+
+# -- one measurement ----------------------------------------------------------------------------
+
+
+def _lcores(cpu: int) -> str:
+    return tb.testpmd_lcores(cpu, [cpu])  # main lcore (sleeps) and forwarding lcore on one CPU
+
+
+def _testpmd(settings: Settings, vdev: str, mode: str, cpu: int, name: str,
+             app_args: Sequence[str] = (), interactive: bool = True) -> tb.Testpmd:
+    return tb.Testpmd([vdev], forward_mode=mode, app_args=list(app_args), lcores=_lcores(cpu),
+                      memory_mib=settings.memory_mib, hugepages=settings.hugepages,
+                      interactive=interactive, name=name)
+
+
+def _sleep_until(deadline: float) -> None:
+    while (left := deadline - time.monotonic()) > 0:
+        time.sleep(min(left, 0.5))
+
+
+@dataclasses.dataclass
+class Window:
+    t0: float                          # window start (monotonic)
+    t1: float                          # window end
+    readings: list[tuple[float, int]]  # (time, counter) when a counter was read
+    cpu_shares: list[float | None]     # CPU time / wall time of each pid over the window
+
+
+def _measure_window(settings: Settings, forwarding_since: float, pids: Sequence[int],
+                    read: Callable[[], int] | None) -> Window:
+    """Skip the warm-up, then (if `read`) read a counter at the window start and every
+    interval up to its end; a reading's time is the midpoint of the command's round trip.
+    Also the CPU share each of `pids` got over the window (1.0 = a whole core)."""
+    _sleep_until(forwarding_since + settings.warmup)
+    t0 = time.monotonic()
+    cpu0 = [_cpu_seconds(pid) for pid in pids]
+    readings: list[tuple[float, int]] = []
+    steps = max(1, round(settings.window / settings.interval))
+    for k in range(steps + 1):
+        _sleep_until(t0 + k * settings.interval)
+        if read is not None:
+            before = time.monotonic()
+            value = read()
+            readings.append(((before + time.monotonic()) / 2, value))
+    t1 = time.monotonic()
+    shares = [_share(a, _cpu_seconds(pid), t1 - t0) for a, pid in zip(cpu0, pids)]
+    if readings:
+        t0, t1 = readings[0][0], readings[-1][0]
+    return Window(t0, t1, readings, shares)
+
+
+def _counter_rate(sample: Sample, w: Window) -> None:
+    (ta, ca), (tb_, cb) = w.readings[0], w.readings[-1]
+    sample.pps = (cb - ca) / (tb_ - ta)
+    sample.window_s = round(tb_ - ta, 3)
+    sample.intervals = [{"t": round(t2 - ta, 3), "dt": round(t2 - t1, 3),
+                         "pps": (c2 - c1) / (t2 - t1)}
+                        for (t1, c1), (t2, c2) in zip(w.readings, w.readings[1:])]
+    sample.backend_cpu_share, sample.generator_cpu_share = w.cpu_shares
+
+
+class _Phases:
+    """Wall time of each phase of a sample (in the JSON, to tell a slow start from a slow stop)."""
+
+    def __init__(self, sample: Sample) -> None:
+        self.sample = sample
+        self._last = time.monotonic()
+
+    def mark(self, name: str) -> float:
+        now = time.monotonic()
+        self.sample.phases[name] = round(now - self._last, 3)
+        self._last = now
+        return now
+
+
+def measure_tx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path, sample: Sample) -> None:
+    sock, stats = tmp / f"pyvhost-{mode}-{size}.sock", tmp / f"pyvhost-{mode}-{size}.json"
+    phase = _Phases(sample)
+    with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval) as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "txonly", settings.generator_cpu,
+                      "bench-gen", [f"--txpkts={size}"]) as gen:
+            since = phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, gen.pid], None)
+            phase.mark("warmup_and_window")
+            sent = gen.stop_forwarding()[0]
+            time.sleep(settings.drain)  # ports stay up: the backend drains the ring
+            gen.stop()
+            phase.mark("generator_stop")
+        final = backend.stop()
+        phase.mark("backend_stop")
+    sample.pps, covered, sample.intervals, sample.rounds_per_s = backend.window_rate(
+        w.t0, w.t1, settings.interval)
+    sample.window_s = round(covered, 3)
+    sample.backend_cpu_share, sample.generator_cpu_share = w.cpu_shares
+    sample.generator_sent, sample.refused = sent.tx_packets, sent.tx_dropped
+    sample.backend_total = int(final.get("tx_packets", -1))
+    sample.counts_match = sample.backend_total == sent.tx_packets
+    if final.get("queues_broken"):
+        raise tb.TestbedError(f"pyvhost broke {final['queues_broken']} queue(s):\n{backend.tail()}")
+    direct, copy = final.get("direct_rounds", 0), final.get("copy_rounds", 0)
+    if (mode == "direct" and (direct == 0 or copy > direct)) or (mode == "copy" and direct != 0):
+        raise tb.TestbedError(f"pyvhost {mode}: {direct} direct and {copy} copy rounds")
+    if sample.pps is None:
+        raise tb.TestbedError(f"no pyvhost statistics line inside the window:\n{backend.tail()}")
+
+
+def measure_tx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) -> None:
+    sock = tmp / f"dpdk-vhost-{size}.sock"
+    phase = _Phases(sample)
+    with _testpmd(settings, tb.vhost_pmd_vdev(sock), "rxonly", settings.backend_cpu,
+                  "bench-vhost") as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "txonly", settings.generator_cpu,
+                      "bench-gen", [f"--txpkts={size}"]) as gen:
+            since = phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, gen.pid],
+                                lambda: backend.port_stats()[0].rx_packets)
+            phase.mark("warmup_and_window")
+            sent = gen.stop_forwarding()[0]
+            time.sleep(settings.drain)  # ports stay up: the backend drains the ring
+            total = backend.port_stats()[0].rx_packets
+            gen.stop()
+            phase.mark("generator_stop")
+        backend.stop()
+        phase.mark("backend_stop")
+    _counter_rate(sample, w)
+    sample.generator_sent, sample.refused = sent.tx_packets, sent.tx_dropped
+    sample.backend_total = total
+    sample.counts_match = total == sent.tx_packets
+
+
+def measure_rx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) -> None:
+    """The vhost PMD generates (txonly) into virtio-user (rxonly); the figure is what the
+    vhost PMD itself delivered into the ring (its tx_packets)."""
+    sock = tmp / f"dpdk-vhost-rx-{size}.sock"
+    phase = _Phases(sample)
+    with _testpmd(settings, tb.vhost_pmd_vdev(sock), "txonly", settings.backend_cpu,
+                  "bench-vhost", [f"--txpkts={size}"]) as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "rxonly", settings.generator_cpu,
+                      "bench-sink") as sink:
+            since = phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, sink.pid],
+                                lambda: backend.port_stats()[0].tx_packets)
+            phase.mark("warmup_and_window")
+            sample.refused = backend.stop_forwarding()[0].tx_dropped
+            delivered = backend.port_stats()[0].tx_packets
+            time.sleep(settings.drain)  # the sink drains the ring
+            received = sink.port_stats()[0].rx_packets
+            sink.stop()
+            phase.mark("generator_stop")
+        backend.stop()
+        phase.mark("backend_stop")
+    _counter_rate(sample, w)
+    # Roles swap here: the backend sends, virtio-user counts what it received. DPDK 22.11's
+    # virtio-user RX leaves the last packets unreported however long it keeps polling (seen:
+    # 32 and 256, at most a ring's worth; not ours to fix), so a ring's worth may be missing.
+    sample.generator_sent, sample.backend_total = delivered, received
+    sample.counts_match = 0 <= delivered - received <= RX_RING_SLACK
+
+
+def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
+    started = time.monotonic()
+    sample.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    try:
+        if sample.direction == "tx" and sample.contender == PYVHOST_COPY:
+            measure_tx_pyvhost(settings, sample.packet_size, "copy", tmp, sample)
+        elif sample.direction == "tx" and sample.contender == PYVHOST_DIRECT:
+            measure_tx_pyvhost(settings, sample.packet_size, "direct", tmp, sample)
+        elif sample.direction == "tx" and sample.contender == DPDK_VHOST:
+            measure_tx_dpdk(settings, sample.packet_size, tmp, sample)
+        elif sample.direction == "rx" and sample.contender == DPDK_VHOST:
+            measure_rx_dpdk(settings, sample.packet_size, tmp, sample)
+        else:
+            raise ValueError(f"no measurement for {sample.direction} {sample.contender}")
+    except (tb.TestbedError, OSError, ValueError, subprocess.SubprocessError) as exc:
+        sample.error = f"{type(exc).__name__}: {exc}"[-4000:]
+    sample.limited_by = _limited_by(sample)
+    sample.seconds = round(time.monotonic() - started, 2)
+    return sample
+
+
+def _limited_by(sample: Sample) -> str | None:
+    """Which side set the pace. When the receiving side keeps up, the sender almost never finds
+    the ring full (few refused): then the sender is the limit. TX: the sender is virtio-user
+    (the figure is then a lower bound of the backend); RX: the sender is the backend (what we
+    measure) unless the ring was often full, which makes virtio-user's RX the limit."""
+    if sample.error or sample.generator_sent is None or sample.refused is None:
+        return None
+    offered = sample.generator_sent + sample.refused
+    sender_bound = offered == 0 or sample.refused / offered <= GENERATOR_BOUND
+    if sample.direction == "tx":
+        return "generator" if sender_bound else "backend"
+    return "backend" if sender_bound else "sink"
+
+
+def plan(settings: Settings) -> list[Sample]:
+    """Every sample in run order: contenders alternate inside a repetition, and their order
+    rotates from one repetition to the next."""
+    samples = []
+    tx = [c for c in TX_CONTENDERS if c in settings.contenders]
+    for rep in range(settings.repeat):
+        for size in settings.sizes:
+            shift = rep % len(tx) if tx else 0
+            for contender in tx[shift:] + tx[:shift]:
+                samples.append(Sample("tx", contender, size, rep))
+            if settings.rx and DPDK_VHOST in settings.contenders:
+                samples.append(Sample("rx", DPDK_VHOST, size, rep))
+    return samples
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, dict[str, Any]]]:
+    """{direction: {contender: {size: {median, min, max, n, limited_by}}}} in Mpps, over the
+    samples that succeeded."""
+    cells: dict[tuple[str, str, str], list[Sample]] = {}
+    for s in samples:
+        if s.error is None and s.pps is not None:
+            cells.setdefault((s.direction, s.contender, str(s.packet_size)), []).append(s)
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for (direction, contender, size), group in cells.items():
+        values = [s.pps / 1e6 for s in group]
+        limits: dict[str, int] = {}
+        for s in group:
+            limits[s.limited_by or "?"] = limits.get(s.limited_by or "?", 0) + 1
+        out.setdefault(direction, {}).setdefault(contender, {})[size] = {
+            "median": statistics.median(values), "min": min(values), "max": max(values),
+            "n": len(values), "limited_by": limits}
+    return out
+
+
+def ratios(summary: dict, sizes: Sequence[int]) -> dict[str, dict[str, float | None]]:
+    tx = summary.get("tx", {})
+
+    def ratio(a: str, b: str, size: int) -> float | None:
+        x, y = tx.get(a, {}).get(str(size)), tx.get(b, {}).get(str(size))
+        return x["median"] / y["median"] if x and y and y["median"] > 0 else None
+
+    return {"direct/copy": {str(s): ratio(PYVHOST_DIRECT, PYVHOST_COPY, s) for s in sizes},
+            "direct/dpdk": {str(s): ratio(PYVHOST_DIRECT, DPDK_VHOST, s) for s in sizes}}
+
+
+_MARKS = {"generator": "‡", "sink": "§"}
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "n/a"
+    limits = stats.get("limited_by", {})
+    other = max((k for k in limits if k in _MARKS), key=limits.get, default=None)
+    mark = f" {_MARKS[other]}" if other and limits[other] * 2 > stats["n"] else ""
+    return f"{stats['median']:.2f} [{stats['min']:.2f}–{stats['max']:.2f}]{mark}"
+
+
+def _ratio_cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}×"
+
+
+def markdown(result: dict[str, Any]) -> str:
+    sizes = result["settings"]["sizes"]
+    summary, rat, m = result["summary"], result["ratios"], result["machine"]
+    s = result["settings"]
+    head = "| backend | " + " | ".join(f"{n} B" for n in sizes) + " |"
+    rule = "|---|" + "---:|" * len(sizes)
+    lines = [
+        f"Measured {m['date']} on {m['cpu_model']} ({m['cpus']} CPUs), kernel {m['kernel']}, "
+        f"DPDK {m['dpdk'] or '?'}, {'hugepages' if m['hugepages'] else '--no-huge'}; "
+        f"load average at start {m['loadavg_start'][0]:.2f}; pyvhost {m['pyvhost_commit']}. "
+        f"Generator on CPU {s['generator_cpu']}, backend on CPU {s['backend_cpu']}; "
+        f"{s['repeat']} repetition(s), {s['warmup']:g} s warm-up, {s['window']:g} s window.",
+        "",
+        "**TX** (testpmd virtio-user `txonly` → backend): Mpps the backend itself received, "
+        "median [min–max]",
+        "",
+        head, rule,
+    ]
+    for contender in TX_CONTENDERS:
+        if contender not in s["contenders"]:
+            continue
+        row = summary.get("tx", {}).get(contender, {})
+        lines.append(f"| {ROW_LABELS[('tx', contender)]} | "
+                     + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
+    lines.append("| after / before (direct / copy) | "
+                 + " | ".join(_ratio_cell(rat["direct/copy"][str(n)]) for n in sizes) + " |")
+    lines.append("| pyvhost direct / DPDK vhost PMD | "
+                 + " | ".join(_ratio_cell(rat["direct/dpdk"][str(n)]) for n in sizes) + " |")
+    if s["rx"]:
+        lines += ["", "**RX** (backend generates → testpmd virtio-user `rxonly`): Mpps the "
+                  "backend delivered into the ring, median [min–max]", "", head, rule]
+        row = summary.get("rx", {}).get(DPDK_VHOST, {})
+        lines.append(f"| {ROW_LABELS[('rx', DPDK_VHOST)]} | "
+                     + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
+        lines.append(f"| {ROW_LABELS[('rx', PYVHOST_RX)]} | "
+                     + " | ".join(result["pyvhost_rx"] for _ in sizes) + " |")
+    text = "\n".join(lines)
+    if "‡" in text:
+        lines += ["", "‡ generator-bound: the backend took at least "
+                  f"{100 - 100 * GENERATOR_BOUND:g}% of what virtio-user offered, so this is a "
+                  "lower bound of what the backend can take."]
+    if "§" in text:
+        lines += ["", "§ sink-bound: the ring was often full, so virtio-user's RX set the pace, "
+                  "not the backend."]
+    shares = [x["backend_cpu_share"] for x in result["samples"]
+              if x["backend_cpu_share"] is not None and not x["error"]]
+    if shares:
+        lines += ["", f"CPU share the backend process got during its windows: median "
+                  f"{statistics.median(shares):.2f}, min {min(shares):.2f} (1.00 = its whole "
+                  "core; less means other work ran on it)."]
+    bad = [x for x in result["samples"] if x["error"]]
+    mismatched = [x for x in result["samples"] if x["counts_match"] is False]
+    if bad:
+        lines += ["", f"{len(bad)} sample(s) failed (see `error` in the JSON)."]
+    if mismatched:
+        lines += ["", f"{len(mismatched)} sample(s) where the final counts did not match."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = result["settings"]["sizes"]
+    panels = [("tx", n) for n in sizes]
+    if result["settings"]["rx"]:
+        panels += [("rx", n) for n in sizes]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
+    colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
+              PYVHOST_RX: "#1f77b4"}
+    for ax, (direction, size) in zip(axes[0], panels):
+        contenders = TX_CONTENDERS if direction == "tx" else RX_CONTENDERS
+        contenders = [c for c in contenders if c in result["settings"]["contenders"]
+                      or c == PYVHOST_RX]
+        names, heights, lows, highs = [], [], [], []
+        for c in contenders:
+            stats = result["summary"].get(direction, {}).get(c, {}).get(str(size))
+            names.append(SHORT_LABELS[c])
+            heights.append(stats["median"] if stats else 0.0)
+            lows.append(stats["median"] - stats["min"] if stats else 0.0)
+            highs.append(stats["max"] - stats["median"] if stats else 0.0)
+        x = range(len(names))
+        ax.bar(x, heights, yerr=[lows, highs], capsize=4,
+               color=[colors[c] for c in contenders])
+        for i, c in enumerate(contenders):
+            pts = [s["pps"] / 1e6 for s in result["samples"]
+                   if s["direction"] == direction and s["contender"] == c
+                   and s["packet_size"] == size and s["pps"] is not None and not s["error"]]
+            ax.plot([i] * len(pts), pts, "k.", markersize=3)
+            if heights[i] == 0.0:
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x), names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(f"{direction.upper()} {size} B", fontsize=10)
+        ax.set_ylabel("Mpps (backend's count)")
+    fig.suptitle(f"pyvhost vs DPDK vhost PMD — {result['machine']['date'][:10]}, "
+                 f"{result['machine']['cpu_model']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# -- command line -------------------------------------------------------------------------------
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    quick = args.quick
+
+    def pick(value: float | None, full: float, fast: float) -> float:
+        return value if value is not None else (fast if quick else full)
+
+    contenders = [c for c in args.contenders.split(",") if c]
+    unknown = set(contenders) - set(TX_CONTENDERS)
+    if unknown:
+        raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
+    hugepages = (not args.no_huge) and tb.hugepages_available(2 * args.memory_mib)
+    interval = pick(args.interval, 1.0, 0.5)
+    window = max(pick(args.window, 5.0, 1.0), interval)
+    return Settings(sizes=[int(n) for n in args.sizes.split(",") if n],
+                    repeat=int(pick(args.repeat, 5, 1)), warmup=pick(args.warmup, 1.0, 0.5),
+                    window=window, interval=interval, hugepages=hugepages,
+                    backend_cpu=args.backend_cpu, generator_cpu=args.generator_cpu,
+                    memory_mib=args.memory_mib, rx=not args.no_rx, contenders=contenders,
+                    drain=0.3 if quick else 0.5)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every context manager cleans up."""
+    def raise_interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    tb.find_testpmd()
+    if shutil.which("taskset") is None:
+        raise SystemExit("taskset not found (util-linux)")
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    machine = machine_description(settings.hugepages)
+    load = machine["loadavg_start"][0]
+    if load > args.load_threshold:
+        print(f"WARNING: load average {load:.2f} > {args.load_threshold}: other work is "
+              f"running on this machine; the figures will be low and noisy.", file=sys.stderr)
+    rx_sources = _pyvhost_rx_sources()
+    pyvhost_rx = NO_RX_SOURCE if not rx_sources else \
+        f"n/a (pyvhost has --source {'|'.join(rx_sources)}; no RX harness for it yet)"
+    samples = plan(settings)
+    print(f"pyvhost bench: {len(samples)} samples, "
+          f"{'hugepages' if settings.hugepages else '--no-huge'}, generator CPU "
+          f"{settings.generator_cpu}, backend CPU {settings.backend_cpu}", file=sys.stderr)
+    started = time.monotonic()
+    with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="pyvhost-bench-") as tmp:
+        for i, sample in enumerate(samples, 1):
+            run_sample(settings, sample, Path(tmp))
+            shown = f"{sample.mpps:7.3f} Mpps" if sample.mpps is not None else "  failed"
+            print(f"[{i}/{len(samples)}] {sample.direction} {sample.contender:15s} "
+                  f"{sample.packet_size:5d} B rep {sample.repetition}: {shown}"
+                  f"{'' if sample.counts_match in (True, None) else ' (counts differ)'}"
+                  f"{'  ' + sample.error.splitlines()[0] if sample.error else ''}",
+                  file=sys.stderr, flush=True)
+    machine["loadavg_end"] = list(os.getloadavg())
+    summary = summarize(samples)
+    result = {
+        "settings": dataclasses.asdict(settings),
+        "machine": machine,
+        "pyvhost_rx": pyvhost_rx,
+        "summary": summary,
+        "ratios": ratios(summary, settings.sizes),
+        "elapsed_s": round(time.monotonic() - started, 1),
+        "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples],
+    }
+    paths = {k: out_dir / f"vhost.{k}" for k in ("json", "md", "png")}
+    paths["json"].write_text(json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    paths["md"].write_text(table)
+    plot(result, paths["png"])
+    print(table)
+    print("wrote " + ", ".join(str(p) for p in paths.values()), file=sys.stderr)
+    failed = [s for s in samples if s.error or s.counts_match is False]
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pyvhost bench", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
