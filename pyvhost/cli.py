@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="exit after serving this many connections")
     net.add_argument("--log-level", default="INFO",
                      choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    from pyvhost.bench.options import add_arguments as add_bench_arguments
+    add_bench_arguments(sub.add_parser(
+        "bench", help="benchmark pyvhost net against DPDK's vhost PMD (pyvhost.bench.vhost)"))
     return parser
 
 
@@ -56,6 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device is None:
         parser.print_help(sys.stderr)
         return 2
+    if args.device == "bench":
+        from pyvhost.bench.vhost import run as run_bench
+        return run_bench(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run_net(args)
