@@ -221,7 +221,7 @@ def collect_used(tx: MockSplitQueue, n: int) -> list[tuple[int, int]]:
 def test_full_session_counts_packets_and_get_vring_base_returns_next_avail(daemon, ram):
     fe = daemon.frontend
     tx, kick, call = connect_tx(fe, ram)
-    assert fe.request(R.GET_QUEUE_NUM).value == 2
+    assert fe.request(R.GET_QUEUE_NUM).value == 3
     assert fe.request(R.GET_MAX_MEM_SLOTS).value == 509
     cfg = fe.request(R.GET_CONFIG, ConfigSpace(0, 10, 0, bytes(10)))
     assert isinstance(cfg, ConfigSpace) and cfg.payload[:6] == NetDevice().mac
@@ -354,7 +354,7 @@ def test_logging_is_refused_cleanly(daemon, ram):
         assert fe.acked(R.SET_LOG_BASE, LogDesc(4096, 0), [memfd]) != 0
     finally:
         os.close(memfd)
-    assert fe.request(R.GET_QUEUE_NUM).value == 2  # still serving
+    assert fe.request(R.GET_QUEUE_NUM).value == 3  # still serving
 
 
 def test_broken_queue_is_stopped_and_reported(daemon, ram):
@@ -370,4 +370,4 @@ def test_broken_queue_is_stopped_and_reported(daemon, ram):
     assert fe.request(R.GET_STATUS).value & STATUS_DEVICE_NEEDS_RESET
     assert os.eventfd_read(err) >= 1
     # The daemon still serves this connection: the other ring and requests work.
-    assert fe.request(R.GET_QUEUE_NUM).value == 2
+    assert fe.request(R.GET_QUEUE_NUM).value == 3

@@ -632,7 +632,7 @@ def test_against_the_daemon_1000_frames_on_tx_queue_1(sock_path, event_idx):
     features = 1 << VIRTIO_F_VERSION_1 | int(event_idx) << VIRTIO_RING_F_EVENT_IDX
     with GuestRam([(0, 4 * MiB)]) as ram, VhostUserFrontend(sock_path) as fe:
         got = fe.negotiate(features, P.REPLY_ACK.mask | P.MQ.mask | P.CONFIGURE_MEM_SLOTS.mask)
-        assert got.features == features | BIT30 and got.queue_num == 2
+        assert got.features == features | BIT30 and got.queue_num == 3  # 2 + control queue
         fe.set_mem_table(ram)
         fe.setup_queue(0, MockSplitQueue(ram, 256, event_idx=event_idx))
         fe.setup_queue(1, MockSplitQueue(ram, 256, event_idx=event_idx))

@@ -6,9 +6,12 @@ Queues come in pairs: even index = receiveq (device -> driver), odd index = tran
 always puts first, 5.1.6) and completed with used length 0, since the device wrote nothing.
 RX supplies nothing yet.
 
-The offered features are the ones a TX-only sink can honour without a control queue: no
-VIRTIO_NET_F_MQ (it requires CTRL_VQ, 5.1.3.1), so a driver uses one pair; the vhost-user MQ
-protocol feature still reports every queue the device has.
+Queue 2N (N queue pairs) is the control queue (CTRL_VQ, `net_ctrl.py`): the RX-mode, MAC
+table and announce commands a Linux guest sends are acknowledged, and with N > 1 VIRTIO_NET_F_MQ
+is offered (it requires CTRL_VQ, 5.1.3.1). The config space is mac, status (link up),
+max_virtqueue_pairs and mtu (offered as VIRTIO_NET_F_MTU only when an MTU is given). QEMU and
+DPDK virtio-user emulate the control queue themselves and never hand it to a vhost-user
+back-end; a front-end that does gets it served here.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import numpy as np
 
 from pyvhost.devices import net_kernels as NK
 from pyvhost.devices.base import Device
+from pyvhost.devices.net_ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+                                      VIRTIO_NET_F_GUEST_ANNOUNCE, ControlQueue)
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.ring.direct_map import RingViews
@@ -71,20 +76,31 @@ class NetDevice(Device):
     name = "net"
     device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
                        | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MAC)
-                       | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF))
+                       | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
+                       | (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_CTRL_RX)
+                       | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR) | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE))
     protocol_features = ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask
 
     def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
-                 max_burst: int = 256) -> None:
+                 max_burst: int = 256, *, mtu: int | None = None) -> None:
         super().__init__()
         if sink not in SINKS:
             raise ValueError(f"unknown TX sink {sink!r} (have: {', '.join(SINKS)})")
         if queue_pairs < 1 or len(mac) != 6:
             raise ValueError("need at least one queue pair and a 6-byte MAC")
+        if mtu is not None and not 68 <= mtu <= 65535:
+            raise ValueError(f"MTU {mtu} outside 68..65535")
         self.sink = sink
         self.mac = bytes(mac)
         self.queue_pairs = queue_pairs
-        self.num_queues = 2 * queue_pairs
+        self.num_queues = 2 * queue_pairs + 1  # the control queue is the last one
+        self.ctrl_index = 2 * queue_pairs
+        self.mtu = mtu
+        self.device_features = type(self).device_features | (
+            (1 << VIRTIO_NET_F_MQ) if queue_pairs > 1 else 0) | (
+            (1 << VIRTIO_NET_F_MTU) if mtu is not None else 0)
+        self.ctrl = ControlQueue(queue_pairs, self._set_mac)
+        self._initial_mac = self.mac
         self.max_burst = max_burst
         # Per queue: counters of chains processed while enabled, and of those discarded while
         # disabled (net_kernels.C_* slots; only TX rows are used).
@@ -94,8 +110,21 @@ class NetDevice(Device):
 
     @property
     def config(self) -> bytes:
-        # struct virtio_net_config (5.1.4): mac[6], status, max_virtqueue_pairs.
-        return self.mac + struct.pack("<HH", VIRTIO_NET_S_LINK_UP, self.queue_pairs)
+        # struct virtio_net_config (5.1.4): mac[6], status, max_virtqueue_pairs, mtu.
+        return self.mac + struct.pack("<HHH", VIRTIO_NET_S_LINK_UP, self.queue_pairs,
+                                      self.mtu or 1500)
+
+    def _set_mac(self, mac: bytes) -> None:
+        self.mac = mac  # VIRTIO_NET_CTRL_MAC_ADDR_SET (5.1.6.5.2)
+
+    def set_features(self, features: int) -> None:
+        super().set_features(features)
+        self.ctrl.features = features
+
+    def reset(self) -> None:
+        super().reset()
+        self.ctrl.reset()
+        self.mac = self._initial_mac
 
     @staticmethod
     def is_tx(index: int) -> bool:
@@ -107,6 +136,8 @@ class NetDevice(Device):
 
     def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
                       views: RingViews) -> tuple[int, bool]:
+        if queue.index == self.ctrl_index:
+            return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
             return 0, False  # RX: nothing to deliver yet
         return self._drop(queue, mem, views, self.counters[queue.index])
@@ -141,4 +172,5 @@ class NetDevice(Device):
             "tx_tcp": int(tx[:, NK.C_TCP].sum()),
             "rx_packets": 0,
             "rx_bytes": 0,
+            **self.ctrl.stats(),
         }
