@@ -15,7 +15,8 @@ Two modes:
 - interrupt-driven (default): while a ring has work, kicks stay off; when a round finds
   nothing, kicks are switched back on, and if the ring re-check shows new buffers it goes on
   (virtio 1.x 2.7.10), else the worker sleeps in poll() on the kick eventfds of its running
-  rings and its own wake-up eventfd, which the protocol thread signals after any change.
+  rings, the device's `extra_wait_fds` for them, and its own wake-up eventfd, which the
+  protocol thread signals after any change.
 
 Changing the fds a worker polls is made safe by `sync()`: the protocol thread swaps the fd,
 calls `sync()` (which returns once the worker has passed the top of its loop, where it reads
@@ -189,6 +190,10 @@ class Worker:
             else:
                 kicks[vr.kick.fileno()] = vr.kick
                 poller.register(vr.kick.fileno(), select.POLLIN)
+            # Work from outside the guest (e.g. a TAP with frames for an RX ring): the device
+            # consumes what made these readable in its next burst on the ring.
+            for fd in self.device.extra_wait_fds(vr.index):
+                poller.register(fd, select.POLLIN)
         self.sleeps += 1
         for fd, _ in poller.poll(timeout):
             if fd == wake:

@@ -33,7 +33,7 @@ states"); by default a disabled ring is not touched at all.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.ring.direct_map import RingViews
@@ -97,6 +97,14 @@ class Device:
                       views: RingViews) -> tuple[int, bool]:
         """Consume a burst without side effects (started but disabled ring)."""
         return 0, False
+
+    def extra_wait_fds(self, index: int) -> Sequence[int]:
+        """Fds whose readability means ring `index` has work that does not come from the
+        driver (e.g. a TAP holding frames for an RX ring). A worker going idle polls them
+        beside the kick fds, then runs the ring; the next burst must consume what made them
+        readable (read the TAP, drain the eventfd), or the worker wakes again at once. They
+        must stay open while the ring can run."""
+        return ()
 
     def on_queue_started(self, queue: SplitQueue) -> None:
         """The ring is about to run (protocol thread; no worker runs it yet)."""
