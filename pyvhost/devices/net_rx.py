@@ -1,0 +1,397 @@
+"""Where a NetDevice's frames go and come from: TX sinks other than drop, and RX sources.
+
+    TX sinks:   drop (net.py's compiled drop kernel), tap:NAME, pcap:FILE
+    RX sources: tap:NAME (frames the host sends through the TAP), loopback (what the guest
+                transmits comes back to it)
+
+Queue pair k (RX ring 2k, TX ring 2k+1) has:
+- a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX chains, copies header +
+  frame into slots and completes the chains; then the sink takes the slots: one write(2) per
+  frame to TAP fd k, one pcap write per burst, and/or a copy into RX backlog k (loopback);
+- an RX *backlog* frame ring (bounded, `rx_backlog` frames): frames wait there until the guest
+  has buffers; a frame arriving at a full backlog is dropped and counted (rx_dropped).
+
+RX runs in the worker that serves RX ring 2k, in `process_rx`: deliver the backlog into the
+guest's buffers (`rx_deliver`, compiled), read the TAP (non-blocking) into the backlog,
+deliver again; only when the backlog is still full after that (the guest has no buffers) are
+further TAP frames read and dropped, at most a burst per call, so the TAP fd does not stay
+readable and wake the worker in a loop. No frame is lost or reordered while the guest has
+buffers. The worker's idle poll waits on `extra_wait_fds(2k)`: TAP fd k, or for loopback an
+eventfd the TX side signals after queueing frames (the two rings may be on different workers).
+When the guest refills its RX ring it kicks, the worker runs `process_rx`, and waiting frames
+go in.
+
+TAPs, pcap files and the loopback wake-up eventfds belong to an `Endpoints` object that
+outlives connections (the CLI opens them once; each connection's device uses them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pyvhost.devices import net_rx_kernels as RK
+from pyvhost.devices.net_pcap import PcapWriter
+from pyvhost.devices.net_tap import Tap
+from pyvhost.fd import OwnedFd
+from pyvhost.memory.table import KernelMemory
+from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.split_queue import SplitQueue
+
+log = logging.getLogger(__name__)
+
+SINK_KINDS = ("drop", "tap", "pcap")
+SOURCE_KINDS = ("tap", "loopback")
+DEFAULT_MTU = 1500
+DEFAULT_RX_BACKLOG = 1024
+# Ethernet header + one VLAN tag on top of the MTU.
+L2_OVERHEAD = 18
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    kind: str
+    arg: str | None = None
+
+    def __str__(self) -> str:
+        return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
+
+
+def parse_endpoint(spec: str, kinds: tuple[str, ...]) -> Endpoint:
+    """'drop', 'loopback', 'tap:NAME' or 'pcap:FILE' (as allowed by `kinds`)."""
+    kind, sep, arg = spec.partition(":")
+    if kind not in kinds:
+        raise ValueError(f"unknown {spec!r} (have: {', '.join(kinds)})")
+    needs_arg = kind in ("tap", "pcap")
+    if needs_arg and not arg:
+        raise ValueError(f"{kind} needs a name: {kind}:{'NAME' if kind == 'tap' else 'FILE'}")
+    if not needs_arg and sep:
+        raise ValueError(f"{kind} takes no argument ({spec!r})")
+    return Endpoint(kind, arg if needs_arg else None)
+
+
+def slot_size(mtu: int) -> int:
+    """Bytes of one frame-ring slot: virtio-net header + the largest frame, 64-byte rounded."""
+    return (RK.HDR + mtu + L2_OVERHEAD + 63) // 64 * 64
+
+
+class FrameRing:
+    """A bounded SPSC ring of frames (see net_rx_kernels), with the Python-side producer and
+    consumer that talk to fds."""
+
+    def __init__(self, capacity: int, slot: int) -> None:
+        self.data, self.lens, self.ctl = RK.new_ring(capacity, slot)
+        self.capacity = len(self.lens)
+        self.slot = slot
+        self._views = [memoryview(self.data[i]) for i in range(self.capacity)]
+
+    @property
+    def pending(self) -> int:
+        return int(self.ctl[RK.R_TAIL] - self.ctl[RK.R_HEAD])
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.capacity
+
+    @property
+    def dropped(self) -> int:
+        return int(self.ctl[RK.R_FULL_DROPS] + self.ctl[RK.R_OVERSIZE_DROPS])
+
+    def clear(self) -> None:
+        """Forget pending frames (consumer side: only the consumer, or with both stopped)."""
+        self.ctl[RK.R_HEAD] = self.ctl[RK.R_TAIL]
+
+    def fill_from_fd(self, fd: int, limit: int) -> tuple[int, bool]:
+        """Producer: read up to `limit` frames (one read each) into free slots. Returns
+        (frames read, whether the fd may hold more: stopped by the limit or a full ring)."""
+        ctl, lens, views, mask = self.ctl, self.lens, self._views, self.capacity - 1
+        tail = int(ctl[RK.R_TAIL])
+        free = self.capacity - (tail - int(ctl[RK.R_HEAD]))
+        got = 0
+        for _ in range(min(limit, free)):
+            slot = tail & mask
+            try:
+                n = os.readv(fd, (views[slot],))
+            except BlockingIOError:
+                ctl[RK.R_TAIL] = tail
+                return got, False
+            if n <= RK.HDR or n >= self.slot:  # no frame, or maybe cut short: not delivered
+                ctl[RK.R_OVERSIZE_DROPS] += 1
+                continue
+            lens[slot] = n
+            tail += 1
+            got += 1
+        ctl[RK.R_TAIL] = tail  # a plain store after the slot stores: CPython keeps the order
+        return got, True
+
+    def write_to_fd(self, fd: int) -> tuple[int, int]:
+        """Consumer: write each pending frame with one write(2), empty the ring. Returns
+        (frames written, frames that failed)."""
+        ctl, lens, views, mask = self.ctl, self.lens, self._views, self.capacity - 1
+        head, tail = int(ctl[RK.R_HEAD]), int(ctl[RK.R_TAIL])
+        ok = failed = 0
+        while head != tail:
+            slot = head & mask
+            try:
+                os.write(fd, views[slot][:lens[slot]])
+                ok += 1
+            except OSError as exc:
+                failed += 1
+                if failed == 1:
+                    log.debug("TAP write failed: %s", exc)
+            head += 1
+        ctl[RK.R_HEAD] = head
+        return ok, failed
+
+
+def drain_fd(fd: int, scratch: bytearray, limit: int) -> int:
+    """Read and discard up to `limit` frames; returns how many."""
+    n = 0
+    for _ in range(limit):
+        try:
+            os.readv(fd, (scratch,))
+        except BlockingIOError:
+            break
+        n += 1
+    return n
+
+
+class Endpoints:
+    """TAPs, pcap files and loopback wake-up eventfds, shared by the devices of successive
+    connections of one daemon. `close()` when the daemon exits."""
+
+    def __init__(self) -> None:
+        self.taps: dict[str, Tap] = {}
+        self.pcaps: dict[str, PcapWriter] = {}
+        self._wakes: dict[int, OwnedFd] = {}
+
+    def open(self, sink: Endpoint, source: Endpoint | None, queue_pairs: int,
+             mtu: int | None) -> None:
+        """Open what `sink` and `source` name now, so that errors show at start-up."""
+        for ep in (sink, source):
+            if ep is not None and ep.kind == "tap":
+                self.tap(ep.arg, queue_pairs, mtu)  # type: ignore[arg-type]
+            elif ep is not None and ep.kind == "pcap":
+                self.pcap(ep.arg)  # type: ignore[arg-type]
+
+    def tap(self, name: str, queues: int, mtu: int | None) -> Tap:
+        tap = self.taps.get(name)
+        if tap is None:
+            tap = self.taps[name] = Tap(name, queues, mtu)
+        elif tap.queues < queues:
+            raise ValueError(f"TAP {name} is open with {tap.queues} queues, {queues} needed")
+        return tap
+
+    def pcap(self, path: str) -> PcapWriter:
+        writer = self.pcaps.get(path)
+        if writer is None:
+            writer = self.pcaps[path] = PcapWriter(path)
+        return writer
+
+    def wake_fd(self, pair: int) -> int:
+        fd = self._wakes.get(pair)
+        if fd is None:
+            fd = self._wakes[pair] = OwnedFd(os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK))
+        return fd.fileno()
+
+    def close(self) -> None:
+        for tap in self.taps.values():
+            tap.close()
+        for writer in self.pcaps.values():
+            writer.close()
+        for fd in self._wakes.values():
+            fd.close()
+        self.taps.clear()
+        self.pcaps.clear()
+        self._wakes.clear()
+
+
+class _Segments:
+    """Scratch arrays a burst fills (allocated per queue size, reused every burst)."""
+
+    def __init__(self, max_burst: int) -> None:
+        self.max_burst = max_burst
+        self.resize(256)
+
+    def resize(self, queue_size: int) -> None:
+        segs = self.max_burst * 4 + max(queue_size, 1024)
+        self.seg_addr = np.zeros(segs, dtype=np.int64)
+        self.seg_len = np.zeros(segs, dtype=np.int64)
+        self.seg_flags = np.zeros(segs, dtype=np.int64)
+        self.chain_heads = np.zeros(queue_size, dtype=np.int64)
+        self.chain_ends = np.zeros(queue_size, dtype=np.int64)
+
+
+class NetIo:
+    """The TX sink and RX source of one NetDevice (see the module doc)."""
+
+    def __init__(self, queue_pairs: int, sink: str | Endpoint = "drop",
+                 source: str | Endpoint | None = None, *, endpoints: Endpoints | None = None,
+                 mtu: int | None = None, rx_backlog: int = DEFAULT_RX_BACKLOG,
+                 max_burst: int = 256) -> None:
+        self.sink = sink if isinstance(sink, Endpoint) else parse_endpoint(sink, SINK_KINDS)
+        self.source = source if source is None or isinstance(source, Endpoint) else \
+            parse_endpoint(source, SOURCE_KINDS)
+        if rx_backlog < 1:
+            raise ValueError("the RX backlog needs room for at least one frame")
+        self.queue_pairs = queue_pairs
+        self.max_burst = max_burst
+        self.owns_endpoints = endpoints is None
+        self.endpoints = endpoints or Endpoints()
+        self.slot = slot_size(mtu or DEFAULT_MTU)
+        self.tap: Tap | None = None
+        self.pcap: PcapWriter | None = None
+        if self.sink.kind == "tap":
+            self.tap = self.endpoints.tap(self.sink.arg, queue_pairs, mtu)  # type: ignore[arg-type]
+        elif self.sink.kind == "pcap":
+            self.pcap = self.endpoints.pcap(self.sink.arg)  # type: ignore[arg-type]
+        self.rx_tap: Tap | None = None
+        if self.source is not None and self.source.kind == "tap":
+            self.rx_tap = self.endpoints.tap(self.source.arg, queue_pairs, mtu)  # type: ignore[arg-type]
+        self.loopback = self.source is not None and self.source.kind == "loopback"
+        # TX: the drop sink without loopback keeps net.py's own kernel.
+        self.gathers_tx = self.sink.kind != "drop" or self.loopback
+        self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
+            if self.gathers_tx else []
+        self.tx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
+        self.tx_extra = np.zeros((queue_pairs, RK.TX_EXTRA_LEN), dtype=np.int64)
+        self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
+            if self.pcap is not None else np.zeros(0, dtype=np.uint8)
+        # RX
+        self.rx_ring = [FrameRing(rx_backlog, self.slot) for _ in range(queue_pairs)] \
+            if self.source is not None else []
+        self.rx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
+        self.rx_counters = np.zeros((queue_pairs, RK.RX_COUNTERS_LEN), dtype=np.int64)
+        self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
+            if self.loopback else []
+        self._drain_buf = bytearray(RK.HDR + 65536)
+
+    # -- rings ---------------------------------------------------------------------------------
+
+    def on_queue_started(self, queue: SplitQueue) -> None:
+        pair = queue.index // 2
+        if pair < self.queue_pairs:
+            (self.tx_segs if queue.index % 2 else self.rx_segs)[pair].resize(queue.size)
+
+    def extra_wait_fds(self, index: int) -> tuple[int, ...]:
+        if index % 2 or index // 2 >= self.queue_pairs:
+            return ()
+        if self.rx_tap is not None:
+            return (self.rx_tap.fds[index // 2],)
+        if self.loopback:
+            return (self._wake[index // 2],)
+        return ()
+
+    def reset(self) -> None:
+        """Device reset (every ring stopped): pending frames are forgotten."""
+        for ring in self.rx_ring + self.tx_ring:
+            ring.clear()
+
+    def process_tx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+                   counters: np.ndarray) -> tuple[int, bool]:
+        pair = queue.index // 2
+        ring, s = self.tx_ring[pair], self.tx_segs[pair]
+        done, notify = RK.tx_gather(mem, queue.q, views, self.max_burst, s.seg_addr,
+                                    s.seg_len, s.seg_flags, ring.data, ring.lens, ring.ctl,
+                                    counters, self.tx_extra[pair])
+        if done <= 0:
+            return 0, False
+        if ring.pending:
+            if self.loopback:
+                rx = self.rx_ring[pair]
+                RK.ring_copy(ring.data, ring.lens, ring.ctl, rx.data, rx.lens, rx.ctl)
+                os.eventfd_write(self._wake[pair], 1)
+            if self.pcap is not None:
+                self.pcap.write_ring(ring.data, ring.lens, ring.ctl, self.pcap_out)
+            if self.tap is not None:
+                _, failed = ring.write_to_fd(self.tap.fds[pair])
+                self.tx_extra[pair, RK.TX_WRITE_ERRORS] += failed
+            ring.clear()
+        return int(done), bool(notify)
+
+    def process_rx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+                   mergeable: bool) -> tuple[int, bool]:
+        if self.source is None:
+            return 0, False
+        pair = queue.index // 2
+        ring = self.rx_ring[pair]
+        if self.loopback:
+            try:
+                os.eventfd_read(self._wake[pair])
+            except BlockingIOError:
+                pass
+        buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
+        if buffers < 0:
+            return 0, False
+        if self.rx_tap is not None:
+            fd = self.rx_tap.fds[pair]
+            read, more = ring.fill_from_fd(fd, self.max_burst)
+            if read:
+                more_buffers, more_notify = self._deliver(queue, mem, views, mergeable, pair)
+                if more_buffers < 0:
+                    return 0, False
+                buffers += more_buffers
+                notify |= more_notify
+            if more and ring.full:
+                # The guest has no buffers and the backlog is full: drop at the source.
+                ring.ctl[RK.R_FULL_DROPS] += drain_fd(fd, self._drain_buf, self.max_burst)
+        return buffers, notify
+
+    def _deliver(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+                 mergeable: bool, pair: int) -> tuple[int, bool]:
+        ring, s = self.rx_ring[pair], self.rx_segs[pair]
+        if not ring.pending:
+            return 0, False
+        frames, buffers, notify = RK.rx_deliver(
+            mem, queue.q, views, mergeable, self.max_burst, s.seg_addr, s.seg_len, s.seg_flags,
+            s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl, self.rx_counters[pair])
+        if frames < 0:
+            return -1, False
+        return int(buffers), bool(notify)
+
+    # -- statistics ----------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        rx = self.rx_counters
+        return {
+            "rx_packets": int(rx[:, RK.RX_PACKETS].sum()),
+            "rx_bytes": int(rx[:, RK.RX_BYTES].sum()),
+            "rx_dropped": int(rx[:, RK.RX_TOO_BIG].sum()) + sum(r.dropped for r in self.rx_ring),
+            "rx_backlog_waits": int(rx[:, RK.RX_WAITS].sum()),
+            "rx_bad_buffers": int(rx[:, RK.RX_BAD_BUFFERS].sum()),
+            "tx_dropped": int(self.tx_extra[:, [RK.TX_OVERSIZE, RK.TX_SHORT,
+                                                RK.TX_WRITE_ERRORS]].sum()),
+        }
+
+    def close(self) -> None:
+        """Close the endpoints if this object opened them itself (no `endpoints` given)."""
+        if self.owns_endpoints:
+            self.endpoints.close()
+
+
+def warm_up() -> None:
+    """Compile (or load from numba's cache) the kernels of this module before a front-end
+    arrives: a first burst that compiles would hold a worker for seconds."""
+    from pyvhost.memory.table import RegionTable
+    from pyvhost.ring.direct_map import NO_VIEWS
+
+    mem = RegionTable().kernel()
+    q = SplitQueue(0)
+    q.set_size(1)
+    ring, other, s = FrameRing(1, 64), FrameRing(1, 64), _Segments(1)
+    s.resize(1)
+    ring.lens[0], ring.ctl[RK.R_TAIL] = RK.HDR + 14, 1
+    counters = np.zeros(max(RK.RX_COUNTERS_LEN, 16), dtype=np.int64)
+    extra = np.zeros(RK.TX_EXTRA_LEN, dtype=np.int64)
+    RK.ring_copy(ring.data, ring.lens, ring.ctl, other.data, other.lens, other.ctl)
+    RK.ring_to_pcap(other.data, other.lens, other.ctl, np.zeros(128, np.uint8), 0, 0, 65535)
+    RK.rx_deliver(mem, q.q, NO_VIEWS, True, 1, s.seg_addr, s.seg_len, s.seg_flags,
+                  s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl, counters)
+    q.q[:] = 0
+    q.set_size(1)
+    RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.seg_addr, s.seg_len, s.seg_flags, ring.data,
+                 ring.lens, ring.ctl, counters, extra)

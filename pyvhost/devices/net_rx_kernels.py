@@ -1,0 +1,441 @@
+"""Compiled kernels for the virtio-net data paths other than the drop sink: moving frames
+between guest buffers and *frame rings*, and from frame rings to a pcap byte stream.
+
+A frame ring is a bounded single-producer single-consumer queue of frames in numpy arrays:
+
+    data  uint8[cap, slot]   slot i holds a 12-byte virtio-net header, then the frame
+    lens  int64[cap]         bytes used in slot i (header included)
+    ctl   int64[RING_CTL_LEN] free-running head (consumer) and tail (producer) counts, and
+                              the producer's drop counters
+
+`cap` is a power of two. The producer fills slot `tail % cap`, then publishes it by storing
+tail (after a release fence); the consumer reads tail (then an acquire fence), uses slots up to
+it and publishes head the same way. Producer and consumer may be different worker threads (a
+TX ring looping back into an RX ring served by another worker), so each index is written by
+one side only. The 12-byte slot header is the layout a TAP with IFF_VNET_HDR reads and writes
+(TUNSETVNETHDRSZ 12), so TAP frames go in and out of slots without moving.
+
+Kernels:
+- `tx_gather`: pop TX chains, copy each chain's device-readable bytes (header + frame) into
+  the next slot, complete the chains (used length 0: nothing written), publish, decide on the
+  interrupt. The chains are done once their bytes are copied; the sink then works on slots.
+- `rx_deliver`: write pending frames into the RX queue's buffers, mergeable (a frame spans as
+  many chains as it needs, num_buffers says how many, 5.1.6.4) or not (one chain per frame; a
+  frame larger than the chain is dropped, counted, and the chain reused), header flags and GSO
+  fields zero (no offloads offered), publish once, decide on the interrupt. A frame that does
+  not fit in the buffers available now waits: the chains popped for it are given back
+  (next_avail rewound; they were only read) and, with EVENT_IDX, avail_event is set to the
+  avail index seen, so the driver's next refill kicks (as Linux vhost_enable_notify does;
+  leaving it at next_avail would miss that kick when buffers were available but too few).
+- `ring_copy`: move frames from one ring to another (loopback: TX scratch -> RX backlog),
+  counting drops when the destination is full.
+- `ring_to_pcap`: pcap records (16-byte header + frame, header stripped) for the frames of a
+  ring into one byte buffer, so a burst is written to the file with one write.
+
+Guest data is copied with memcpy (an LLVM intrinsic) between host addresses that the region
+table translated and bounds-checked; ring metadata goes through the kernels of `ring/`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from pyvhost.devices import net_kernels as NK
+from pyvhost.ring import kernels as K
+from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.errors import RingErrorCode as E
+from pyvhost.ring.jit import kernel
+
+HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
+NUM_BUFFERS_OFF = 10
+
+# Frame ring control slots.
+R_HEAD = 0              # frames consumed (consumer writes)
+R_TAIL = 1              # frames produced (producer writes)
+R_FULL_DROPS = 2        # frames the producer dropped: ring full (producer writes)
+R_OVERSIZE_DROPS = 3    # frames the producer dropped: larger than a slot (producer writes)
+RING_CTL_LEN = 8
+
+# RX counters (one row per RX queue; written by the RX worker only).
+RX_PACKETS = 0
+RX_BYTES = 1            # frame bytes, header excluded
+RX_BUFFERS = 2          # used elements written
+RX_TOO_BIG = 3          # frames dropped: larger than every buffer the driver can offer
+RX_BAD_BUFFERS = 4      # RX chains without device-writable bytes, returned with length 0
+RX_NOTIFY = 5
+RX_WAITS = 6            # times a frame waited for buffers
+RX_COUNTERS_LEN = 8
+
+# TX sink counters beyond net_kernels' per-protocol ones (one row per TX queue).
+TX_OVERSIZE = 0         # frames larger than a slot: completed, not forwarded
+TX_SHORT = 1            # chains without a whole virtio-net header: completed, not forwarded
+TX_WRITE_ERRORS = 2     # frames a sink failed to write (e.g. TAP write error)
+TX_EXTRA_LEN = 4
+
+PCAP_RECORD_HDR = 16
+
+
+# ------------------------------------------------------------------------ memcpy intrinsics --
+
+@intrinsic
+def host_to_array(typingctx, arr, off, host, n):
+    """arr[off:off+n] = n bytes at host address `host` (caller checked both ranges)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        dst = builder.gep(ary.data, [args[1]])
+        src = builder.inttoptr(args[2], ir.IntType(8).as_pointer())
+        cgutils.raw_memcpy(builder, dst, src, args[3], 1)
+        return context.get_dummy_value()
+    return types.void(arr, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def array_to_host(typingctx, host, arr, off, n):
+    """n bytes at host address `host` = arr[off:off+n] (caller checked both ranges)."""
+    def codegen(context, builder, sig, args):
+        ary = context.make_array(sig.args[1])(context, builder, args[1])
+        src = builder.gep(ary.data, [args[2]])
+        dst = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        cgutils.raw_memcpy(builder, dst, src, args[3], 1)
+        return context.get_dummy_value()
+    return types.void(types.int64, arr, types.int64, types.int64), codegen
+
+
+@intrinsic
+def array_copy(typingctx, dst, dst_off, src, src_off, n):
+    """dst[dst_off:dst_off+n] = src[src_off:src_off+n], no overlap (caller checked ranges)."""
+    def codegen(context, builder, sig, args):
+        d = context.make_array(sig.args[0])(context, builder, args[0])
+        s = context.make_array(sig.args[2])(context, builder, args[2])
+        cgutils.raw_memcpy(builder, builder.gep(d.data, [args[1]]),
+                           builder.gep(s.data, [args[3]]), args[4], 1)
+        return context.get_dummy_value()
+    return types.void(dst, types.int64, src, types.int64, types.int64), codegen
+
+
+@kernel
+def put_u32(out, pos, v):
+    out[pos] = v & 0xFF
+    out[pos + 1] = (v >> 8) & 0xFF
+    out[pos + 2] = (v >> 16) & 0xFF
+    out[pos + 3] = (v >> 24) & 0xFF
+
+
+@kernel
+def guest_to_array(mem, addr, out, off, n):
+    """Copy n bytes at GPA addr into out[off:off+n]; False if any byte is unmapped."""
+    done = 0
+    while done < n:
+        host, left = K.host_span(mem, K.SPACE_GPA, addr + done)
+        if left <= 0:
+            return False
+        take = min(n - done, left)
+        host_to_array(out, off + done, host, take)
+        done += take
+    return True
+
+
+@kernel
+def array_to_guest(mem, addr, src, off, n):
+    """Copy src[off:off+n] to GPA addr; False if any byte is unmapped."""
+    done = 0
+    while done < n:
+        host, left = K.host_span(mem, K.SPACE_GPA, addr + done)
+        if left <= 0:
+            return False
+        take = min(n - done, left)
+        array_to_host(host, src, off + done, take)
+        done += take
+    return True
+
+
+@kernel
+def unpop(q, n):
+    """Give back the last n popped chains (they were only read: the driver cannot tell)."""
+    q[K.Q_NEXT_AVAIL] = (q[K.Q_NEXT_AVAIL] - n) & 0xFFFF
+    q[K.Q_CHAINS] -= n
+
+
+# ------------------------------------------------------------------------------------ TX --
+
+@kernel
+def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, lens, ctl,
+              counters, extra):
+    """Pop up to max_chains TX chains into ring slots (see module doc).
+
+    counters: net_kernels' per-queue TX counters (packets, bytes, per protocol); extra: the
+    TX_* counters. Returns (chains completed, interrupt?); chains -1: the queue broke.
+    """
+    cap = lens.shape[0]
+    slot_size = data.shape[1]
+    tail = ctl[R_TAIL]
+    head = ctl[R_HEAD]
+    fence_acquire()  # slots the consumer released are free only after we saw its head
+    n = K.avail_count(mem, q, views)
+    if n < 0:
+        return -1, False
+    n = min(n, max_chains)
+    done = 0
+    for _ in range(n):
+        h, end, _total = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
+        if h == -1:
+            return -1, False
+        if h == -2:
+            K.fail(q, E.CHAIN_TOO_LONG, -1)
+            return -1, False
+        readable = 0
+        for j in range(end):
+            if seg_flags[j] == 0:
+                readable += seg_len[j]
+        counters[NK.C_PACKETS] += 1
+        counters[NK.C_BYTES] += max(readable - HDR, 0)
+        if readable <= HDR:
+            extra[TX_SHORT] += 1
+        elif readable > slot_size:
+            extra[TX_OVERSIZE] += 1
+        else:
+            if tail - head >= cap:
+                head = ctl[R_HEAD]
+                fence_acquire()
+            if tail - head >= cap:
+                ctl[R_FULL_DROPS] += 1
+            else:
+                slot = tail & (cap - 1)
+                buf = data[slot]
+                pos = 0
+                for j in range(end):
+                    if seg_flags[j] == 0:
+                        if not guest_to_array(mem, seg_addr[j], buf, pos, seg_len[j]):
+                            K.fail(q, E.ADDR_UNMAPPED, seg_addr[j])
+                            return -1, False
+                        pos += seg_len[j]
+                lens[slot] = readable
+                NK.classify_frame(buf[HDR:], readable - HDR, counters)
+                tail += 1
+        if not K.add_used(mem, q, views, h, 0):
+            return -1, False
+        done += 1
+    if done == 0:
+        return 0, False
+    fence_release()  # slot contents before the tail that publishes them
+    ctl[R_TAIL] = tail
+    if not K.publish_used(mem, q, views):
+        return -1, False
+    notify = K.needs_interrupt(mem, q, views)
+    if notify:
+        counters[NK.C_NOTIFY] += 1
+    return done, notify
+
+
+# ------------------------------------------------------------------------------------ RX --
+
+@kernel
+def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flags,
+               chain_heads, chain_ends, data, lens, ctl, counters):
+    """Deliver up to max_frames pending frames of the ring into RX buffers (see module doc).
+
+    chain_heads/chain_ends: scratch, at least the queue size. Returns (frames, used buffers,
+    interrupt?); frames -1: the queue broke.
+    """
+    if q[K.Q_ERROR] != 0:
+        return -1, 0, False
+    cap = lens.shape[0]
+    size = q[K.Q_SIZE]
+    head = ctl[R_HEAD]
+    tail = ctl[R_TAIL]
+    fence_acquire()  # slot contents after the tail that published them
+    frames = 0
+    buffers = 0
+    avail = 0
+    seg_cap = seg_addr.shape[0]
+    while head != tail and frames < max_frames:
+        slot = head & (cap - 1)
+        buf = data[slot]
+        total = lens[slot]
+        # Collect chains until their writable bytes hold header + frame.
+        nchains = 0
+        nbad = 0
+        room = 0
+        pos = 0
+        never = False  # the frame can never be delivered: drop it
+        while room < total:
+            if avail == 0:
+                avail = K.avail_count(mem, q, views)
+                if avail < 0:
+                    return -1, 0, False
+                if avail == 0 and mergeable and (q[K.Q_FLAGS] & K.F_EVENT_IDX):
+                    # Ask for a kick at the next refill beyond what we have seen, then look
+                    # once more (the refill may have come before the event was visible).
+                    idx, ok = K.read_avail_idx(mem, q, views)
+                    if ok:
+                        K.write_avail_event(mem, q, views, idx)
+                        fence_seq_cst()
+                        avail = K.avail_count(mem, q, views)
+                        if avail < 0:
+                            return -1, 0, False
+                if avail == 0:
+                    # Every chain of the ring is not enough: it cannot grow.
+                    never = nchains + nbad >= size
+                    break
+            if pos >= seg_cap or nchains + nbad >= chain_heads.shape[0]:
+                never = True  # more segments or chains than our scratch (and the ring) holds
+                break
+            h, end, _t = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
+            if h == -1:
+                return -1, 0, False
+            if h == -2:  # segments full; nothing consumed
+                if nchains + nbad == 0:
+                    K.fail(q, E.CHAIN_TOO_LONG, -1)
+                    return -1, 0, False
+                never = True
+                break
+            avail -= 1
+            w = 0
+            for j in range(pos, end):
+                if seg_flags[j] != 0:
+                    w += seg_len[j]
+            if w == 0:
+                # No writable byte: not a receive buffer. It is returned with length 0 before
+                # this frame's buffers (never counted in its num_buffers).
+                chain_heads[chain_heads.shape[0] - 1 - nbad] = h
+                nbad += 1
+                continue
+            chain_heads[nchains] = h
+            chain_ends[nchains] = end
+            nchains += 1
+            pos = end
+            room += w
+            if not mergeable:
+                # One chain per frame (5.1.6.3.1 asks drivers for 1526-byte buffers).
+                never = room < total
+                break
+        if room < total:
+            popped = nchains + nbad
+            unpop(q, popped)
+            avail += popped
+            if never:
+                counters[RX_TOO_BIG] += 1
+                head += 1
+                continue
+            counters[RX_WAITS] += 1
+            break
+        # Header: no offloads negotiated, so flags and GSO fields are zero (5.1.6.4.1).
+        for b in range(NUM_BUFFERS_OFF):
+            buf[b] = 0
+        buf[NUM_BUFFERS_OFF] = nchains & 0xFF
+        buf[NUM_BUFFERS_OFF + 1] = (nchains >> 8) & 0xFF
+        for b in range(nbad):
+            if not K.add_used(mem, q, views, chain_heads[chain_heads.shape[0] - 1 - b], 0):
+                return -1, 0, False
+            counters[RX_BAD_BUFFERS] += 1
+        buffers += nbad
+        sent = 0
+        start = 0
+        for c in range(nchains):
+            wrote = 0
+            for j in range(start, chain_ends[c]):
+                if seg_flags[j] == 0 or sent >= total:
+                    continue
+                take = min(seg_len[j], total - sent)
+                if not array_to_guest(mem, seg_addr[j], buf, sent, take):
+                    K.fail(q, E.ADDR_UNMAPPED, seg_addr[j])
+                    return -1, 0, False
+                sent += take
+                wrote += take
+            if not K.add_used(mem, q, views, chain_heads[c], wrote):
+                return -1, 0, False
+            start = chain_ends[c]
+        buffers += nchains
+        frames += 1
+        counters[RX_PACKETS] += 1
+        counters[RX_BYTES] += total - HDR
+        head += 1
+    fence_release()  # done reading the slots before the producer may reuse them
+    ctl[R_HEAD] = head
+    counters[RX_BUFFERS] += buffers
+    if buffers == 0:
+        return frames, 0, False
+    if not K.publish_used(mem, q, views):
+        return -1, 0, False
+    notify = K.needs_interrupt(mem, q, views)
+    if notify:
+        counters[RX_NOTIFY] += 1
+    return frames, buffers, notify
+
+
+# ---------------------------------------------------------------------------- ring to ring --
+
+@kernel
+def ring_copy(src_data, src_lens, src_ctl, dst_data, dst_lens, dst_ctl):
+    """Copy every frame of src into dst (loopback); frames dst has no room for are dropped
+    and counted in dst's producer counters. src is left as it is (the caller empties it).
+    Returns frames copied."""
+    s_cap = src_lens.shape[0]
+    d_cap = dst_lens.shape[0]
+    d_slot = dst_data.shape[1]
+    s_head = src_ctl[R_HEAD]
+    s_tail = src_ctl[R_TAIL]
+    d_tail = dst_ctl[R_TAIL]
+    d_head = dst_ctl[R_HEAD]
+    fence_acquire()
+    moved = 0
+    while s_head != s_tail:
+        s = s_head & (s_cap - 1)
+        n = src_lens[s]
+        if n > d_slot:
+            dst_ctl[R_OVERSIZE_DROPS] += 1
+        else:
+            if d_tail - d_head >= d_cap:
+                d_head = dst_ctl[R_HEAD]
+                fence_acquire()
+            if d_tail - d_head >= d_cap:
+                dst_ctl[R_FULL_DROPS] += 1
+            else:
+                d = d_tail & (d_cap - 1)
+                array_copy(dst_data[d], 0, src_data[s], 0, n)
+                dst_lens[d] = n
+                d_tail += 1
+                moved += 1
+        s_head += 1
+    fence_release()  # slot contents before the tail that publishes them
+    dst_ctl[R_TAIL] = d_tail
+    return moved
+
+
+@kernel
+def ring_to_pcap(data, lens, ctl, out, ts_sec, ts_usec, snaplen):
+    """pcap records for the ring's frames (header stripped, cut at snaplen) into out, as many
+    as fit; those frames leave the ring. Returns bytes written to out."""
+    cap = lens.shape[0]
+    head = ctl[R_HEAD]
+    tail = ctl[R_TAIL]
+    fence_acquire()
+    pos = 0
+    while head != tail:
+        s = head & (cap - 1)
+        orig = lens[s] - HDR
+        incl = min(orig, snaplen)
+        if pos + PCAP_RECORD_HDR + incl > out.shape[0]:
+            break
+        put_u32(out, pos, ts_sec)
+        put_u32(out, pos + 4, ts_usec)
+        put_u32(out, pos + 8, incl)
+        put_u32(out, pos + 12, orig)
+        pos += PCAP_RECORD_HDR
+        array_copy(out, pos, data[s], HDR, incl)
+        pos += incl
+        head += 1
+    fence_release()
+    ctl[R_HEAD] = head
+    return pos
+
+
+def new_ring(capacity: int, slot_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(data, lens, ctl) of an empty frame ring; capacity is rounded up to a power of two."""
+    cap = 1 << max(0, (capacity - 1).bit_length())
+    return (np.zeros((cap, slot_size), dtype=np.uint8), np.zeros(cap, dtype=np.int64),
+            np.zeros(RING_CTL_LEN, dtype=np.int64))
