@@ -1,10 +1,11 @@
-"""A minimal virtio-net device (virtio 1.x section 5.1): enough for a driver to transmit.
+"""A virtio-net device (virtio 1.x section 5.1).
 
 Queues come in pairs: even index = receiveq (device -> driver), odd index = transmitq
-(driver -> device) (5.1.2). This device has one TX sink, "drop": every TX chain is counted
-(one packet; its bytes are the chain length less the 12-byte virtio_net_hdr that VERSION_1
-always puts first, 5.1.6) and completed with used length 0, since the device wrote nothing.
-RX supplies nothing yet.
+(driver -> device) (5.1.2). Every TX chain is counted (one packet; its bytes are the chain
+length less the 12-byte virtio_net_hdr that VERSION_1 always puts first, 5.1.6) and completed
+with used length 0, since the device wrote nothing. Where the frames go is the TX sink: "drop"
+(this module's compiled drop kernel), "tap:NAME" or "pcap:FILE"; where received frames come
+from is the RX source: none, "tap:NAME" or "loopback" (`net_rx.py`, which serves both).
 
 Queue 2N (N queue pairs) is the control queue (CTRL_VQ, `net_ctrl.py`): the RX-mode, MAC
 table and announce commands a Linux guest sends are acknowledged, and with N > 1 VIRTIO_NET_F_MQ
@@ -25,6 +26,7 @@ from pyvhost.devices import net_kernels as NK
 from pyvhost.devices.base import Device
 from pyvhost.devices.net_ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
                                       VIRTIO_NET_F_GUEST_ANNOUNCE, ControlQueue)
+from pyvhost.devices.net_rx import SINK_KINDS, Endpoints, NetIo
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.ring.direct_map import RingViews
@@ -44,7 +46,7 @@ VIRTIO_NET_S_LINK_UP = 1
 # struct virtio_net_hdr with VERSION_1 (num_buffers always present): 12 bytes (5.1.6).
 NET_HDR_SIZE = NK.VIRTIO_NET_HDR_LEN
 
-SINKS = ("drop",)
+SINKS = SINK_KINDS  # "drop", "tap:NAME", "pcap:FILE" (net_rx.parse_endpoint)
 
 DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
 # Bursts one worker round may run on a TX ring before it moves on (bounds a grace period).
@@ -82,10 +84,9 @@ class NetDevice(Device):
     protocol_features = ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask
 
     def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
-                 max_burst: int = 256, *, mtu: int | None = None) -> None:
+                 max_burst: int = 256, *, mtu: int | None = None, source: str | None = None,
+                 endpoints: Endpoints | None = None, rx_backlog: int = 1024) -> None:
         super().__init__()
-        if sink not in SINKS:
-            raise ValueError(f"unknown TX sink {sink!r} (have: {', '.join(SINKS)})")
         if queue_pairs < 1 or len(mac) != 6:
             raise ValueError("need at least one queue pair and a 6-byte MAC")
         if mtu is not None and not 68 <= mtu <= 65535:
@@ -107,6 +108,9 @@ class NetDevice(Device):
         self.counters = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}
+        # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
+        self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
+                        rx_backlog=rx_backlog, max_burst=max_burst)
 
     @property
     def config(self) -> bytes:
@@ -125,6 +129,10 @@ class NetDevice(Device):
         super().reset()
         self.ctrl.reset()
         self.mac = self._initial_mac
+        self.io.reset()
+
+    def extra_wait_fds(self, index: int) -> tuple[int, ...]:
+        return self.io.extra_wait_fds(index)  # a TAP or loopback feeding RX ring `index`
 
     @staticmethod
     def is_tx(index: int) -> bool:
@@ -133,13 +141,17 @@ class NetDevice(Device):
     def on_queue_started(self, queue: SplitQueue) -> None:
         if self.is_tx(queue.index):
             self._scratch[queue.index].resize(queue.size)
+        self.io.on_queue_started(queue)
 
     def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
                       views: RingViews) -> tuple[int, bool]:
         if queue.index == self.ctrl_index:
             return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
-            return 0, False  # RX: nothing to deliver yet
+            mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+            return self.io.process_rx(queue, mem, views, mergeable)
+        if self.io.gathers_tx:
+            return self.io.process_tx(queue, mem, views, self.counters[queue.index])
         return self._drop(queue, mem, views, self.counters[queue.index])
 
     def runs_when_disabled(self, index: int) -> bool:
@@ -170,7 +182,6 @@ class NetDevice(Device):
             "tx_ipv6": int(tx[:, NK.C_IPV6].sum()),
             "tx_udp": int(tx[:, NK.C_UDP].sum()),
             "tx_tcp": int(tx[:, NK.C_TCP].sum()),
-            "rx_packets": 0,
-            "rx_bytes": 0,
+            **self.io.stats(),  # rx_packets, rx_bytes, rx_dropped, tx_dropped, ...
             **self.ctrl.stats(),
         }
