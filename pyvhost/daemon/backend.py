@@ -177,9 +177,15 @@ class Backend:
         logs it and closes the connection.
         """
         out: list[Outgoing] = []
-        for msg in self.protocol.receive(data, fds):
-            with msg:  # fds a handler did not take are closed on leaving
-                out.extend(self._dispatch(msg))
+        msgs = self.protocol.receive(data, fds)
+        for n, msg in enumerate(msgs):
+            try:
+                with msg:  # fds a handler did not take are closed on leaving
+                    out.extend(self._dispatch(msg))
+            except BaseException:
+                for rest in msgs[n + 1:]:  # never handled: close their fds now, not at gc
+                    rest.close_fds()
+                raise
         return out
 
     @property
