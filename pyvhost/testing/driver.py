@@ -376,7 +376,8 @@ class MockSplitQueue:
         self.ram.write(gpa, _U16.pack(value))
 
     def _r16(self, gpa: int) -> int:
-        return _U16.unpack(self.ram.read(gpa, 2))[0]
+        # One load: the device moves these indices concurrently (GuestRam.read_u16).
+        return self.ram.read_u16(gpa)
 
 
 def _place(ram: GuestRam, gpa: "int | None", n: int, align: int, region: "int | None") -> int:

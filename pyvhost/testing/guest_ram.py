@@ -178,6 +178,17 @@ class GuestRam:
         """Read `n` bytes at `gpa`; may span regions that are contiguous in GPA space."""
         return b"".join(region.mm[off : off + k] for region, off, k in self._spans(gpa, n))
 
+    def read_u16(self, gpa: int) -> int:
+        """The 16-bit value at `gpa` (2-aligned), read with one load: for ring indices the
+        device updates concurrently. read() copies through memcpy, and glibc copies 2 bytes
+        as a byte load then a word load (seen on this machine's AVX-512 variant), so a store
+        landing in between is read torn: the old low byte with the new high byte."""
+        if gpa % 2:
+            raise ValueError(f"GPA {gpa:#x} is not 2-aligned")
+        ((region, off, _),) = self._spans(gpa, 2)
+        with memoryview(region.mm) as mv, mv[off:off + 2].cast("H") as word:
+            return word[0]  # unpack_single: a fixed-size 2-byte memcpy, compiled to one load
+
     def alloc(
         self, size: int, align: int = 8, *, region: "int | None" = None, offset: "int | None" = None
     ) -> int:
