@@ -50,6 +50,9 @@ def test_json_holds_every_sample_and_the_machine(quick_run):
     assert result["settings"]["repeat"] == 1 and result["settings"]["sizes"] == list(SIZES)
     samples = result["samples"]
     expected = {("tx", c, n) for c in TX for n in SIZES} | {("rx", "dpdk-vhost", n) for n in SIZES}
+    if result["settings"]["loopback"]:  # pyvhost has --source loopback: one size in --quick
+        assert result["settings"]["loop_sizes"] == [SIZES[0]]
+        expected |= {("loop", c, SIZES[0]) for c in TX}
     assert {(s["direction"], s["contender"], s["packet_size"]) for s in samples} == expected
     assert len(samples) == len(expected)
     for s in samples:
@@ -57,14 +60,16 @@ def test_json_holds_every_sample_and_the_machine(quick_run):
         assert s["pps"] > 0 and s["mpps"] == pytest.approx(s["pps"] / 1e6)
         assert s["intervals"] and all(i["pps"] >= 0 and i["dt"] > 0 for i in s["intervals"])
         assert s["counts_match"] is True, s
-        assert s["limited_by"] in ("backend", "generator", "sink")
+        assert s["limited_by"] in ((None,) if s["direction"] == "loop"
+                                   else ("backend", "generator", "sink"))
         # The figure is the backend's count over the window, so it cannot exceed what the
         # generating side sent over the whole run.
         assert s["pps"] * s["window_s"] <= s["generator_sent"]
     for s in samples:
         if s["contender"].startswith("pyvhost"):
-            assert s["backend_total"] == s["generator_sent"]  # exact: drained before closing
             assert s["rounds_per_s"] > 0
+            if s["direction"] == "tx":  # exact: drained before closing
+                assert s["backend_total"] == s["generator_sent"]
     assert set(result["summary"]["tx"]) == set(TX)
     for contender in TX:
         assert set(result["summary"]["tx"][contender]) == {str(n) for n in SIZES}
@@ -77,7 +82,8 @@ def test_markdown_table_has_the_seed_shape(quick_run):
     text = (out / "vhost.md").read_text()
     assert text in proc.stdout  # the table is also printed
     assert "| backend | 64 B | 1518 B |" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    tx_table = text[:text.index("**RX**")]
+    rows = [line for line in tx_table.splitlines() if line.startswith("| ")]
     labels = [row.split("|")[1].strip() for row in rows]
     for prefix in ("before: pyvhost", "after: pyvhost", "C peer: DPDK vhost PMD",
                    "after / before", "pyvhost direct / DPDK"):
@@ -89,7 +95,13 @@ def test_markdown_table_has_the_seed_shape(quick_run):
             for cell in cells:
                 median, lo, hi = _cell_numbers(cell)
                 assert lo <= median <= hi
-    assert "RX" in text and ("n/a (no RX source yet)" in text or "| pyvhost |" in text)
+    assert "**RX**" in text and "| pyvhost | n/a" in text
+    result = json.loads((out / "vhost.json").read_text())
+    if result["settings"]["loopback"]:
+        loop = text[text.index("**Loopback**"):]
+        assert "| backend | 64 B |" in loop
+        for prefix in ("| before: pyvhost", "| after: pyvhost", "| C peer: DPDK vhost PMD (`io`)"):
+            assert prefix in loop
 
 
 def _cell_numbers(cell: str) -> tuple[float, float, float]:

@@ -21,6 +21,14 @@ def test_rate_line_matches_what_pyvhost_prints():
     assert (int(match["direct"]), int(match["copy"])) == (30000, 5)
 
 
+def test_rate_line_with_rx_rate():
+    line = format_rates({}, {"tx_packets": 10**6, "rx_packets": 2 * 10**6}, 1.0)
+    match = V._RATE_LINE.match(line)
+    assert match and float(match["mpps"]) == 1.0
+    if "| rx" in line:  # pyvhost with an RX path prints its rate too
+        assert float(match["rx"]) == 2.0
+
+
 def _process_with_lines(lines):
     proc = V.PyvhostProcess(Path("/nonexistent.sock"), Path("/nonexistent.json"), "direct", 0, 1.0)
     proc.rates = [(t, {"mpps": mpps, "gbps": 0.0, "direct": 100.0, "copy": 0.0})

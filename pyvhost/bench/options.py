@@ -30,6 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--contenders", default=",".join(TX_CONTENDERS),
                         help=f"subset of {','.join(TX_CONTENDERS)}")
     parser.add_argument("--no-rx", action="store_true", help="skip the RX direction")
+    parser.add_argument("--no-loopback", action="store_true",
+                        help="skip the loopback runs (pyvhost --source loopback vs the vhost PMD "
+                             "in io mode; only when pyvhost has that source)")
     parser.add_argument("--no-huge", action="store_true",
                         help="testpmd without hugepages (default: hugepages when available)")
     parser.add_argument("--memory-mib", type=int, default=256, help="testpmd -m (per instance)")

@@ -60,6 +60,9 @@ PYVHOST_RX = "pyvhost"
 RX_CONTENDERS = (DPDK_VHOST, PYVHOST_RX)
 
 ROW_LABELS = {
+    ("loop", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --source loopback`",
+    ("loop", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --source loopback`",
+    ("loop", DPDK_VHOST): "C peer: DPDK vhost PMD (`io`)",
     ("tx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy`",
     ("tx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct`",
     ("tx", DPDK_VHOST): "C peer: DPDK vhost PMD (`rxonly`)",
@@ -69,6 +72,9 @@ ROW_LABELS = {
 SHORT_LABELS = {PYVHOST_COPY: "pyvhost copy", PYVHOST_DIRECT: "pyvhost direct",
                 DPDK_VHOST: "DPDK vhost PMD", PYVHOST_RX: "pyvhost"}
 NO_RX_SOURCE = "n/a (no RX source yet)"
+# What the RX table says once pyvhost has sources, none of which generates frames.
+NO_RX_GENERATOR = "n/a (no generating source; see loopback)"
+LOOP_BURSTS = 64  # testpmd `start tx_first N`: bursts of 32 sent before forwarding
 
 RX_RING_SLACK = 256  # testpmd's default ring size (see measure_rx_dpdk)
 GENERATOR_BOUND = 0.02  # the backend took all but this share of what was offered
@@ -87,6 +93,8 @@ class Settings:
     memory_mib: int
     rx: bool
     contenders: list[str]
+    loopback: bool = False  # pyvhost has --source loopback and it was not switched off
+    loop_sizes: list[int] = dataclasses.field(default_factory=list)
     drain: float = 0.5
 
 
@@ -94,7 +102,8 @@ class Settings:
 class Sample:
     """One measurement: one backend process, one generator, one window."""
 
-    direction: str          # "tx": virtio-user -> backend; "rx": backend -> virtio-user
+    direction: str          # "tx": virtio-user -> backend; "rx": backend -> virtio-user;
+                            # "loop": the backend sends what it receives back (io + tx_first)
     contender: str
     packet_size: int
     repetition: int
@@ -143,6 +152,8 @@ def machine_description(hugepages: bool) -> dict[str, Any]:
         "python": platform.python_version(),
         "dpdk": _dpdk_version(),
         "pyvhost_commit": _git_commit(),
+        "pyvhost_changes": _git_changes(),
+        "pyvhost_path": str(Path(tb.__file__).resolve().parents[1]),
         "hugepages": hugepages,
         "hugepages_total": meminfo.get("HugePages_Total"),
         "hugepages_free": meminfo.get("HugePages_Free"),
@@ -162,12 +173,24 @@ def _dpdk_version() -> str | None:
 
 
 def _git_commit() -> str | None:
+    """The commit of the pyvhost tree that runs, '-dirty' if it has changes (listed by
+    `_git_changes`); None outside a git checkout (e.g. a `git archive` snapshot)."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         out = subprocess.run(["git", "-C", str(tb.REPO_ROOT), "describe", "--always", "--dirty"],
                              capture_output=True, text=True, timeout=10)
         if out.returncode == 0:
             return out.stdout.strip()
     return None
+
+
+def _git_changes() -> list[str]:
+    """Uncommitted changes to the package (what else ran besides the commit)."""
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["git", "-C", str(tb.REPO_ROOT), "status", "--porcelain", "--",
+                              "pyvhost"], capture_output=True, text=True, timeout=10)
+        if out.returncode == 0:
+            return [line.strip() for line in out.stdout.splitlines()]
+    return []
 
 
 def _cpu_seconds(pid: int) -> float | None:
@@ -186,7 +209,7 @@ def _share(before: float | None, after: float | None, wall: float) -> float | No
 
 
 def _pyvhost_rx_sources() -> list[str]:
-    """The RX sources `pyvhost net` offers (`--source`), or [] while it has none."""
+    """The RX source kinds `pyvhost net --source` accepts (e.g. tap, loopback), [] if none."""
     from pyvhost.cli import build_parser
 
     parser = build_parser()
@@ -194,7 +217,8 @@ def _pyvhost_rx_sources() -> list[str]:
         if isinstance(action, argparse._SubParsersAction) and "net" in action.choices:
             for opt in action.choices["net"]._actions:
                 if "--source" in opt.option_strings:
-                    return list(opt.choices or [opt.default or "?"])
+                    spec = "|".join(opt.choices or []) or opt.metavar or "?"
+                    return [kind.split(":")[0] for kind in spec.split("|")]
     return []
 
 
@@ -203,20 +227,20 @@ def _pyvhost_rx_sources() -> list[str]:
 # The statistics line of `pyvhost net` (pyvhost.cli.format_rates).
 _RATE_LINE = re.compile(
     r"^tx\s+(?P<mpps>[\d.]+) Mpps\s+(?P<gbps>[\d.]+) Gbit/s \| rounds direct\s+(?P<direct>\d+)/s"
-    r" copy\s+(?P<copy>\d+)/s")
+    r" copy\s+(?P<copy>\d+)/s(?:.*\| rx\s+(?P<rx>[\d.]+) Mpps)?")
 
 
 class PyvhostProcess:
     """`pyvhost net --poll` pinned to one CPU; its statistics lines timestamped as they come."""
 
     def __init__(self, socket_path: Path, stats_json: Path, metadata_access: str, cpu: int,
-                 interval: float) -> None:
+                 interval: float, extra_args: Sequence[str] = ()) -> None:
         self.socket_path = socket_path
         self.stats_json = stats_json
         self.argv = ["taskset", "-c", str(cpu), sys.executable, "-m", "pyvhost", "net",
                      "--socket-path", str(socket_path), "--poll",
                      "--metadata-access", metadata_access, "--stats-json", str(stats_json),
-                     "--stats-interval", str(interval), "--log-level", "WARNING"]
+                     "--stats-interval", str(interval), "--log-level", "WARNING", *extra_args]
         self.rates: list[tuple[float, dict[str, float]]] = []  # (arrival, parsed line)
         self.log: list[str] = []
         self._proc: subprocess.Popen | None = None
@@ -252,7 +276,8 @@ class PyvhostProcess:
             line = line.rstrip("\n")
             match = _RATE_LINE.match(line)
             if match:
-                self.rates.append((now, {k: float(v) for k, v in match.groupdict().items()}))
+                self.rates.append((now, {k: float(v) for k, v in match.groupdict().items()
+                                         if v is not None}))
             else:
                 self.log.append(line)
 
@@ -282,24 +307,25 @@ class PyvhostProcess:
             self._reader.join(5)
         self.socket_path.unlink(missing_ok=True)
 
-    def window_rate(self, t0: float, t1: float, interval: float) -> tuple[float | None, float,
-                                                                          list[dict], float | None]:
+    def window_rate(self, t0: float, t1: float, interval: float, key: str = "mpps"
+                    ) -> tuple[float | None, float, list[dict], float | None]:
         """(pps, seconds covered, intervals, rounds/s) from the lines whose interval lies in
-        [t0, t1]. A line's interval ends at its arrival and began at the previous line's."""
+        [t0, t1]. A line's interval ends at its arrival and began at the previous line's.
+        `key`: "mpps" (TX rate) or "rx" (RX rate)."""
         picked = []
         prev = None
         slack = min(0.1, interval / 4)
         for arrival, values in list(self.rates):
             begin = prev if prev is not None else arrival - interval
             prev = arrival
-            if begin >= t0 - slack and arrival <= t1 + slack:
+            if key in values and begin >= t0 - slack and arrival <= t1 + slack:
                 picked.append((arrival, arrival - begin, values))
-        intervals = [{"t": round(a - t0, 3), "dt": round(dt, 3), "pps": v["mpps"] * 1e6,
+        intervals = [{"t": round(a - t0, 3), "dt": round(dt, 3), "pps": v[key] * 1e6,
                       "rounds_per_s": v["direct"] + v["copy"]} for a, dt, v in picked]
         covered = sum(dt for _, dt, _ in picked)
         if not picked or covered <= 0:
             return None, 0.0, intervals, None
-        pps = sum(v["mpps"] * 1e6 * dt for _, dt, v in picked) / covered
+        pps = sum(v[key] * 1e6 * dt for _, dt, v in picked) / covered
         rounds = sum((v["direct"] + v["copy"]) * dt for _, dt, v in picked) / covered
         return pps, covered, intervals, rounds
 
@@ -465,6 +491,76 @@ def measure_rx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) ->
     sample.counts_match = 0 <= delivered - received <= RX_RING_SLACK
 
 
+def _start_looping(gen: tb.Testpmd) -> float:
+    """Restart the io-mode generator with LOOP_BURSTS bursts sent first: from then on the same
+    frames go round (virtio-user forwards what it receives back out). Returns the start time."""
+    gen.stop_forwarding()
+    gen.command(f"start tx_first {LOOP_BURSTS}", tb.Testpmd.READY)
+    return time.monotonic()
+
+
+def measure_loop_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
+                         sample: Sample) -> None:
+    """pyvhost --source loopback: what virtio-user transmits comes back on its RX ring.
+    The figure: frames pyvhost delivered into the RX ring per second (its rx rate)."""
+    sock, stats = tmp / f"loop-{mode}-{size}.sock", tmp / f"loop-{mode}-{size}.json"
+    phase = _Phases(sample)
+    with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
+                        ["--source", "loopback"]) as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "io", settings.generator_cpu,
+                      "bench-loop", [f"--txpkts={size}"]) as gen:
+            since = _start_looping(gen)
+            phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, gen.pid], None)
+            phase.mark("warmup_and_window")
+            sample.refused = gen.stop_forwarding()[0].tx_dropped
+            received = gen.port_stats()[0].rx_packets
+            gen.stop()
+            phase.mark("generator_stop")
+        final = backend.stop()
+        phase.mark("backend_stop")
+    sample.pps, covered, sample.intervals, sample.rounds_per_s = backend.window_rate(
+        w.t0, w.t1, settings.interval, key="rx")
+    sample.window_s = round(covered, 3)
+    sample.backend_cpu_share, sample.generator_cpu_share = w.cpu_shares
+    sample.generator_sent, sample.backend_total = int(final.get("rx_packets", -1)), received
+    # Frames pyvhost put in the RX ring after virtio-user stopped reading stay unread.
+    sample.counts_match = 0 <= sample.generator_sent - received <= RX_RING_SLACK
+    if final.get("queues_broken"):
+        raise tb.TestbedError(f"pyvhost broke {final['queues_broken']} queue(s):\n{backend.tail()}")
+    if sample.pps is None:
+        raise tb.TestbedError(f"no pyvhost RX rate inside the window:\n{backend.tail()}")
+
+
+def measure_loop_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) -> None:
+    """DPDK's vhost PMD in io mode: what virtio-user transmits it sends straight back. The
+    figure: frames the vhost PMD delivered into virtio-user's RX ring per second."""
+    sock = tmp / f"loop-dpdk-{size}.sock"
+    phase = _Phases(sample)
+    with _testpmd(settings, tb.vhost_pmd_vdev(sock), "io", settings.backend_cpu,
+                  "bench-vhost") as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "io", settings.generator_cpu,
+                      "bench-loop", [f"--txpkts={size}"]) as gen:
+            since = _start_looping(gen)
+            phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, gen.pid],
+                                lambda: backend.port_stats()[0].tx_packets)
+            phase.mark("warmup_and_window")
+            sample.refused = gen.stop_forwarding()[0].tx_dropped
+            time.sleep(settings.drain)
+            received = gen.port_stats()[0].rx_packets
+            delivered = backend.port_stats()[0].tx_packets
+            gen.stop()
+            phase.mark("generator_stop")
+        backend.stop()
+        phase.mark("backend_stop")
+    _counter_rate(sample, w)
+    sample.generator_sent, sample.backend_total = delivered, received
+    sample.counts_match = 0 <= delivered - received <= RX_RING_SLACK
+
+
 def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
     started = time.monotonic()
     sample.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -477,6 +573,11 @@ def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
             measure_tx_dpdk(settings, sample.packet_size, tmp, sample)
         elif sample.direction == "rx" and sample.contender == DPDK_VHOST:
             measure_rx_dpdk(settings, sample.packet_size, tmp, sample)
+        elif sample.direction == "loop" and sample.contender in (PYVHOST_COPY, PYVHOST_DIRECT):
+            mode = "copy" if sample.contender == PYVHOST_COPY else "direct"
+            measure_loop_pyvhost(settings, sample.packet_size, mode, tmp, sample)
+        elif sample.direction == "loop" and sample.contender == DPDK_VHOST:
+            measure_loop_dpdk(settings, sample.packet_size, tmp, sample)
         else:
             raise ValueError(f"no measurement for {sample.direction} {sample.contender}")
     except (tb.TestbedError, OSError, ValueError, subprocess.SubprocessError) as exc:
@@ -493,6 +594,8 @@ def _limited_by(sample: Sample) -> str | None:
     measure) unless the ring was often full, which makes virtio-user's RX the limit."""
     if sample.error or sample.generator_sent is None or sample.refused is None:
         return None
+    if sample.direction == "loop":
+        return None  # a closed loop: a fixed population of frames, paced by the round trip
     offered = sample.generator_sent + sample.refused
     sender_bound = offered == 0 or sample.refused / offered <= GENERATOR_BOUND
     if sample.direction == "tx":
@@ -512,6 +615,9 @@ def plan(settings: Settings) -> list[Sample]:
                 samples.append(Sample("tx", contender, size, rep))
             if settings.rx and DPDK_VHOST in settings.contenders:
                 samples.append(Sample("rx", DPDK_VHOST, size, rep))
+            if settings.loopback and (size in settings.loop_sizes):
+                for contender in tx[shift:] + tx[:shift]:
+                    samples.append(Sample("loop", contender, size, rep))
     return samples
 
 
@@ -537,11 +643,13 @@ def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, dict[str, Any]]]
     return out
 
 
-def ratios(summary: dict, sizes: Sequence[int]) -> dict[str, dict[str, float | None]]:
-    tx = summary.get("tx", {})
+def ratios(summary: dict, sizes: Sequence[int], direction: str = "tx"
+           ) -> dict[str, dict[str, float | None]]:
+    """Ratios of medians: after/before (direct/copy) and pyvhost direct / the C peer."""
+    cells = summary.get(direction, {})
 
     def ratio(a: str, b: str, size: int) -> float | None:
-        x, y = tx.get(a, {}).get(str(size)), tx.get(b, {}).get(str(size))
+        x, y = cells.get(a, {}).get(str(size)), cells.get(b, {}).get(str(size))
         return x["median"] / y["median"] if x and y and y["median"] > 0 else None
 
     return {"direct/copy": {str(s): ratio(PYVHOST_DIRECT, PYVHOST_COPY, s) for s in sizes},
@@ -600,6 +708,24 @@ def markdown(result: dict[str, Any]) -> str:
                      + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
         lines.append(f"| {ROW_LABELS[('rx', PYVHOST_RX)]} | "
                      + " | ".join(result["pyvhost_rx"] for _ in sizes) + " |")
+    if s.get("loopback"):
+        loop_sizes = s["loop_sizes"]
+        lhead = "| backend | " + " | ".join(f"{n} B" for n in loop_sizes) + " |"
+        lines += ["", f"**Loopback** (testpmd virtio-user `io`, `start tx_first {LOOP_BURSTS}`;"
+                  " the backend sends every frame it receives back): Mpps the backend "
+                  "delivered into virtio-user's RX ring, median [min–max]", "", lhead,
+                  "|---|" + "---:|" * len(loop_sizes)]
+        for contender in TX_CONTENDERS:
+            if contender not in s["contenders"]:
+                continue
+            row = summary.get("loop", {}).get(contender, {})
+            lines.append(f"| {ROW_LABELS[('loop', contender)]} | "
+                         + " | ".join(_cell(row.get(str(n))) for n in loop_sizes) + " |")
+        lrat = result.get("loop_ratios") or ratios(summary, loop_sizes, "loop")
+        lines.append("| after / before (direct / copy) | " + " | ".join(
+            _ratio_cell(lrat["direct/copy"][str(n)]) for n in loop_sizes) + " |")
+        lines.append("| pyvhost direct / DPDK vhost PMD | " + " | ".join(
+            _ratio_cell(lrat["direct/dpdk"][str(n)]) for n in loop_sizes) + " |")
     text = "\n".join(lines)
     if "‡" in text:
         lines += ["", "‡ generator-bound: the backend took at least "
@@ -633,11 +759,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
     panels = [("tx", n) for n in sizes]
     if result["settings"]["rx"]:
         panels += [("rx", n) for n in sizes]
+    if result["settings"].get("loopback"):
+        panels += [("loop", n) for n in result["settings"]["loop_sizes"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
               PYVHOST_RX: "#1f77b4"}
     for ax, (direction, size) in zip(axes[0], panels):
-        contenders = TX_CONTENDERS if direction == "tx" else RX_CONTENDERS
+        contenders = RX_CONTENDERS if direction == "rx" else TX_CONTENDERS
         contenders = [c for c in contenders if c in result["settings"]["contenders"]
                       or c == PYVHOST_RX]
         names, heights, lows, highs = [], [], [], []
@@ -682,13 +810,16 @@ def settings_from(args: argparse.Namespace) -> Settings:
         raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
     hugepages = (not args.no_huge) and tb.hugepages_available(2 * args.memory_mib)
     interval = pick(args.interval, 1.0, 0.5)
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    loopback = not args.no_loopback and "loopback" in _pyvhost_rx_sources()
+    loop_sizes = sizes[:1] if quick else sizes  # --quick: the loopback at the first size only
     window = max(pick(args.window, 5.0, 1.0), interval)
-    return Settings(sizes=[int(n) for n in args.sizes.split(",") if n],
+    return Settings(sizes=sizes,
                     repeat=int(pick(args.repeat, 5, 1)), warmup=pick(args.warmup, 1.0, 0.5),
                     window=window, interval=interval, hugepages=hugepages,
                     backend_cpu=args.backend_cpu, generator_cpu=args.generator_cpu,
                     memory_mib=args.memory_mib, rx=not args.no_rx, contenders=contenders,
-                    drain=0.3 if quick else 0.5)
+                    drain=0.3 if quick else 0.5, loopback=loopback, loop_sizes=loop_sizes)
 
 
 @contextlib.contextmanager
@@ -717,9 +848,7 @@ def run(args: argparse.Namespace) -> int:
     if load > args.load_threshold:
         print(f"WARNING: load average {load:.2f} > {args.load_threshold}: other work is "
               f"running on this machine; the figures will be low and noisy.", file=sys.stderr)
-    rx_sources = _pyvhost_rx_sources()
-    pyvhost_rx = NO_RX_SOURCE if not rx_sources else \
-        f"n/a (pyvhost has --source {'|'.join(rx_sources)}; no RX harness for it yet)"
+    pyvhost_rx = NO_RX_GENERATOR if settings.loopback or _pyvhost_rx_sources() else NO_RX_SOURCE
     samples = plan(settings)
     print(f"pyvhost bench: {len(samples)} samples, "
           f"{'hugepages' if settings.hugepages else '--no-huge'}, generator CPU "
@@ -742,6 +871,7 @@ def run(args: argparse.Namespace) -> int:
         "pyvhost_rx": pyvhost_rx,
         "summary": summary,
         "ratios": ratios(summary, settings.sizes),
+        "loop_ratios": ratios(summary, settings.loop_sizes, "loop"),
         "elapsed_s": round(time.monotonic() - started, 1),
         "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples],
     }
