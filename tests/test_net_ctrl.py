@@ -36,6 +36,13 @@ PROTOCOL = P.REPLY_ACK.mask | P.MQ.mask | P.CONFIG.mask | P.CONFIGURE_MEM_SLOTS.
 OK, ERR = bytes([C.VIRTIO_NET_OK]), bytes([C.VIRTIO_NET_ERR])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _compiled():
+    """Compile the kernels before any daemon runs (a first burst would take seconds)."""
+    from pyvhost.devices.net_rx import warm_up
+    warm_up()
+
+
 class Session:
     """A daemon serving NetDevice(pairs) on a thread, and a front-end with RAM set up."""
 

@@ -11,6 +11,10 @@ Queue pair k (RX ring 2k, TX ring 2k+1) has:
 - an RX *backlog* frame ring (bounded, `rx_backlog` frames): frames wait there until the guest
   has buffers; a frame arriving at a full backlog is dropped and counted (rx_dropped).
 
+The backlog is the only queue between a TX ring and the RX ring it loops back to (they may be
+served by different workers), so a TX burst larger than the free backlog overflows it even if
+the guest has buffers; the default (1024 frames) holds four full bursts.
+
 RX runs in the worker that serves RX ring 2k, in `process_rx`: deliver the backlog into the
 guest's buffers (`rx_deliver`, compiled), read the TAP (non-blocking) into the backlog,
 deliver again; only when the backlog is still full after that (the guest has no buffers) are
@@ -48,7 +52,7 @@ SINK_KINDS = ("drop", "tap", "pcap")
 SOURCE_KINDS = ("tap", "loopback")
 DEFAULT_MTU = 1500
 DEFAULT_RX_BACKLOG = 1024
-# Ethernet header + one VLAN tag on top of the MTU.
+# Ethernet header + one VLAN tag on top of the MTU (802.1Q).
 L2_OVERHEAD = 18
 
 
@@ -119,6 +123,10 @@ class FrameRing:
             except BlockingIOError:
                 ctl[RK.R_TAIL] = tail
                 return got, False
+            except OSError as exc:  # e.g. the TAP was deleted under us: nothing to read
+                _log_once(f"read from fd {fd} failed: {exc}")
+                ctl[RK.R_TAIL] = tail
+                return got, False
             if n <= RK.HDR or n >= self.slot:  # no frame, or maybe cut short: not delivered
                 ctl[RK.R_OVERSIZE_DROPS] += 1
                 continue
@@ -142,7 +150,7 @@ class FrameRing:
             except OSError as exc:
                 failed += 1
                 if failed == 1:
-                    log.debug("TAP write failed: %s", exc)
+                    _log_once(f"write to fd {fd} failed: {exc}")
             head += 1
         ctl[RK.R_HEAD] = head
         return ok, failed
@@ -154,10 +162,19 @@ def drain_fd(fd: int, scratch: bytearray, limit: int) -> int:
     for _ in range(limit):
         try:
             os.readv(fd, (scratch,))
-        except BlockingIOError:
+        except OSError:  # BlockingIOError: drained; anything else: fill_from_fd logs it
             break
         n += 1
     return n
+
+
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        log.error("%s", message)
 
 
 class Endpoints:
@@ -377,6 +394,7 @@ def warm_up() -> None:
     """Compile (or load from numba's cache) the kernels of this module before a front-end
     arrives: a first burst that compiles would hold a worker for seconds."""
     from pyvhost.memory.table import RegionTable
+    from pyvhost.ring import kernels as K
     from pyvhost.ring.direct_map import NO_VIEWS
 
     mem = RegionTable().kernel()
@@ -395,3 +413,17 @@ def warm_up() -> None:
     q.set_size(1)
     RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.seg_addr, s.seg_len, s.seg_flags, ring.data,
                  ring.lens, ring.ctl, counters, extra)
+    # What a worker calls around every ring's bursts, and the drop kernel a started but not yet
+    # enabled TX ring runs (Device.discard_burst).
+    K.enable_notification(mem, q.q, NO_VIEWS)
+    K.disable_notification(mem, q.q, NO_VIEWS)
+    from pyvhost.devices.net import NetDevice
+    tx = SplitQueue(1)
+    tx.set_size(1)
+    NetDevice().discard_burst(tx, RegionTable(), mem, NO_VIEWS)
+    # The control queue's Python API calls.
+    ctrl = SplitQueue(2)
+    ctrl.set_size(1)
+    K.avail_count(mem, ctrl.q, NO_VIEWS)
+    K.pop_chain(mem, ctrl.q, NO_VIEWS, s.seg_addr, s.seg_len, s.seg_flags, 0)
+    K.push_used_burst(mem, ctrl.q, NO_VIEWS, s.chain_heads, s.chain_ends, 0)
