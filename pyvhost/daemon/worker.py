@@ -11,7 +11,8 @@ epoch survives it (the round is a function; its locals die on return).
 Two modes:
 - busy-poll: kick notifications are switched off once per ring start (VRING_USED_F_NO_NOTIFY,
   or an avail_event left behind with EVENT_IDX) and the worker never sleeps while any of its
-  rings runs;
+  rings runs; a pass that found no work is followed by a short spin in compiled code with the
+  GIL released, outside every epoch (`idle_spin`), so the protocol thread can take the GIL;
 - interrupt-driven (default): while a ring has work, kicks stay off; when a round finds
   nothing, kicks are switched back on, and if the ring re-check shows new buffers it goes on
   (virtio 1.x 2.7.10), else the worker sleeps in poll() on the kick eventfds of its running
@@ -26,9 +27,16 @@ the ring set afresh), and only then closes the old fd.
 from __future__ import annotations
 
 import logging
+import platform
 import select
 import threading
+import time
 from typing import Callable, Sequence
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from pyvhost.daemon.eventfd import EventFd
 from pyvhost.daemon.vring import Vring
@@ -36,11 +44,58 @@ from pyvhost.devices.base import Device
 from pyvhost.memory.epoch import WorkerEpoch
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring import kernels as K
+from pyvhost.ring.jit import kernel
 
 log = logging.getLogger(__name__)
 
 # A running ring without a kick fd (NOFD) is polled this often while the worker would sleep.
 NOFD_POLL_MS = 1
+# After a busy-poll pass that found no work: spin this long with the GIL released.
+IDLE_SPIN_S = 20e-6
+
+
+@intrinsic
+def _cpu_relax(typingctx):
+    """x86 `pause` (the spin-wait hint); a call LLVM cannot remove, unlike an empty loop."""
+    def codegen(context, builder, signature, args):
+        if platform.machine() in ("x86_64", "AMD64", "i686"):
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@kernel
+def _spin(iterations):
+    for _ in range(iterations):
+        _cpu_relax()
+
+
+_spin_per_s = 0.0
+
+
+def idle_spin(seconds: float = IDLE_SPIN_S) -> None:
+    """Spin for about `seconds` in compiled code without the GIL.
+
+    Why: a busy-polling worker with nothing to do runs Python with only sub-microsecond
+    breaks (the empty burst calls), and CPython hands the GIL to a waiting thread only if it
+    wakes up inside such a break, or after the switch interval (5 ms) without any. The
+    protocol thread then waited up to milliseconds for the GIL after every blocking call —
+    after poll() said a message came, after each sleep of a grace period (which also waited
+    for the worker to leave a burst) — while changing the memory map. sys.setswitchinterval
+    does not help: every voluntary release restarts the waiter's timeout. Spinning outside
+    the epoch keeps the grace period from waiting on it.
+    """
+    global _spin_per_s
+    if not _spin_per_s:
+        _spin(10)  # compiled or loaded
+        t0 = time.perf_counter()
+        _spin(20_000)
+        _spin_per_s = 20_000 / max(time.perf_counter() - t0, 1e-6)
+    _spin(max(1, int(seconds * _spin_per_s)))
 
 
 class Worker:
@@ -61,6 +116,8 @@ class Worker:
         self.sleeps = 0
         # Registered here, before any ring can start, so no grace period can miss this worker.
         self._epoch: WorkerEpoch = memory.epochs.register(name)
+        if poll_mode:
+            idle_spin()  # load (or compile) and calibrate it now, not in the first idle pass
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
     # -- control (protocol thread) ------------------------------------------------------------
@@ -119,7 +176,10 @@ class Worker:
                     if vr.running:
                         running = True
                         busy |= self._round(vr)
-                if busy or (self.poll_mode and running):
+                if busy:
+                    continue
+                if self.poll_mode and running:
+                    idle_spin()
                     continue
                 self._idle_wait()
         except Exception:  # a bug here must not pass silently
