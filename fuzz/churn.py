@@ -193,7 +193,9 @@ def run(ops: int, *, poll: bool = False, qsize: int = 256, seed: int = 1, stress
                     "direct_share": round(qs.direct_rounds / max(total, 1), 6),
                     "copy_reasons": dict(qs.copy_reasons), "invalidations": qs.invalidations,
                     "grace": {**percentiles(g.recent), "count": g.count,
-                              "timeouts": g.timeouts},
+                              "timeouts": g.timeouts,
+                              "slowest_at": sorted(range(len(g.recent)),
+                                                   key=g.recent.__getitem__)[-3:]},
                     **{k: v for k, v in backend.stats().items()
                        if k in ("queues_broken", "leaked_mappings", "requests",
                                 "requests_refused")}}

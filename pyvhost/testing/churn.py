@@ -325,8 +325,10 @@ class SeqSink(Device):
         return max(int(done), 0), bool(notify)
 
     def warm_up(self) -> None:
-        """Load (or compile) the burst kernel before a frontend arrives: a first burst that
-        compiles would hold the worker inside its epoch for seconds."""
+        """Load (or compile) the burst kernel and the ring calls the worker makes itself
+        before a frontend arrives: a first round that compiles or loads them holds the worker
+        inside its epoch (a grace period waits) for up to a second."""
+        from pyvhost.ring import kernels as K
         from pyvhost.testing.guest_ram import GuestRam
         from pyvhost.testing.driver import MockSplitQueue
         from pyvhost.testing.pairing import backend_memory, device_queue
@@ -341,6 +343,8 @@ class SeqSink(Device):
                 state = self.state.copy()
                 self._burst(table.kernel(), q.q, views, 1, self.heads, self.chain_end,
                             self.seg_addr, self.seg_len, self.seg_flags, self.buf, state)
+                K.disable_notification(table.kernel(), q.q, views)
+                K.enable_notification(table.kernel(), q.q, views)
                 del views
                 q.drop_views()
                 memory.remove_listener(q.on_memory_change)
