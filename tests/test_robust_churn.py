@@ -31,8 +31,9 @@ def test_churn_under_traffic_loses_nothing(poll):
     dev, fe, d = res.report["device"], res.report["frontend"], res.report["daemon"]
     assert dev["frames_ok"] == fe["frames_sent"] > 0
     assert dev["frames_lost"] == dev["frames_dup"] == dev["frames_stale"] == 0
-    assert d["copy_rounds"] == 0 and d["direct_rounds"] > 0  # rebuilt after every change
-    assert d["invalidations"] >= res.report["ops"] // 2
+    # Every round ran on the direct map: it was rebuilt after every change (a change that
+    # found no map to drop, because no round ran since the last one, is not counted).
+    assert d["copy_rounds"] == 0 and d["direct_rounds"] > 0 and d["invalidations"] > 0
 
 
 def test_frontends_killed_mid_traffic():
