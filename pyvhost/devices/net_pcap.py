@@ -19,6 +19,7 @@ import time
 import numpy as np
 
 from pyvhost.devices import net_rx_kernels as RK
+from pyvhost.fd import OwnedFd
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4
 LINKTYPE_ETHERNET = 1
@@ -32,7 +33,9 @@ class PcapWriter:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.Lock()
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # An OwnedFd: closed by close(), or when the writer is dropped.
+        self._fd = OwnedFd(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                   0o644))
         self.frames = 0
         self.bytes_written = 0
         try:
@@ -58,16 +61,14 @@ class PcapWriter:
 
     def _write_all(self, view: memoryview) -> None:
         while len(view):
-            written = os.write(self._fd, view)
+            written = os.write(self._fd.fileno(), view)
             self.bytes_written += written
             view = view[written:]
 
     def close(self) -> None:
         with self._lock:
-            if self._fd >= 0:
-                fd, self._fd = self._fd, -1
-                os.close(fd)
+            self._fd.close()
 
     @property
     def closed(self) -> bool:
-        return self._fd < 0
+        return self._fd.closed

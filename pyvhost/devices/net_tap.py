@@ -21,6 +21,8 @@ import logging
 import os
 import struct
 
+from pyvhost.fd import OwnedFd
+
 log = logging.getLogger(__name__)
 
 TUN_PATH = "/dev/net/tun"
@@ -49,12 +51,14 @@ class Tap:
             raise ValueError("a TAP needs at least one queue")
         self.name = name
         self.queues = queues
-        self.fds: list[int] = []
+        self._fds: list[OwnedFd] = []  # closed on close(), or when dropped (OwnedFd.__del__)
+        self._numbers: list[int] = []
         existed = _link_index(name) is not None
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if queues > 1 else 0)
         try:
             for _ in range(queues):
-                self.fds.append(_open_queue(name, flags))
+                self._fds.append(OwnedFd(_open_queue(name, flags)))
+            self._numbers = [fd.fileno() for fd in self._fds]
             self.created = not existed
             if self.created:
                 _configure(name, mtu)
@@ -65,17 +69,22 @@ class Tap:
                  queues, "s" if queues > 1 else "")
 
     @property
+    def fds(self) -> list[int]:
+        """fds[k] serves queue pair k (non-blocking); empty once closed."""
+        return self._numbers
+
+    @property
     def ifindex(self) -> int | None:
         return _link_index(self.name)
 
     def close(self) -> None:
-        fds, self.fds = self.fds, []
+        fds, self._fds, self._numbers = self._fds, [], []
         for fd in fds:
-            os.close(fd)
+            fd.close()
 
     @property
     def closed(self) -> bool:
-        return not self.fds
+        return not self._fds
 
     def __enter__(self) -> "Tap":
         return self
