@@ -201,11 +201,13 @@ def test_indirect_rx_chains_and_two_writable_buffers_per_chain(make):
     assert d.receive(12) == frames
 
 
-@pytest.mark.parametrize("metadata_access", ["direct", "copy"])
-def test_two_workers_many_frames_in_order(make, metadata_access):
-    """TX and RX rings on different workers: the loopback eventfd wakes the RX worker."""
+@pytest.mark.parametrize("metadata_access,poll", [("direct", False), ("copy", False),
+                                                   ("auto", True)])
+def test_two_workers_many_frames_in_order(make, metadata_access, poll):
+    """TX and RX rings on different workers: the loopback eventfd wakes the RX worker (or it
+    busy-polls)."""
     d = make(BASE | MRG | EVENT_IDX, rx_backlog=4096,
-             options=BackendOptions(workers=2, metadata_access=metadata_access))
+             options=BackendOptions(workers=2, metadata_access=metadata_access, poll=poll))
     frames = [frame(i, 64 + i % 1400) for i in range(3000)]
     stop = threading.Event()
 
