@@ -172,3 +172,23 @@ def test_region_count_limit():
     assert MAX_MEM_SLOTS == 509
     with pytest.raises(BadRegionError, match="slots"):
         RegionTable(tuple(object() for _ in range(510)))  # type: ignore[misc]
+
+
+def test_identical_added_region_is_counted_not_mapped_twice():
+    # QEMU adds the same region once per queue pair of a multiqueue NIC.
+    before_fds = open_fds()
+    mem = GuestMemory()
+    spec = RegionSpec(0, MiB, 0x1000_0000, 0)
+    mem.add_region(spec, memfd(MiB))
+    table = mem.table
+    mem.add_region(spec, memfd(MiB))
+    assert mem.table is table and len(table) == 1  # no change, no new mapping
+    mem.remove_region(spec)
+    assert len(mem.table) == 1  # one ADD still holds it
+    mem.remove_region(spec)
+    assert len(mem.table) == 0
+    with pytest.raises(BadRegionError, match="no region"):
+        mem.remove_region(spec)
+    del table
+    mem.close()
+    assert open_fds() == before_fds

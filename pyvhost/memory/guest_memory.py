@@ -76,6 +76,16 @@ class GuestMemory:
         self._publish(new)
 
     def add_region(self, spec: RegionSpec, fd: OwnedFd) -> None:
+        """ADD_MEM_REG. QEMU sends the same region once per vhost device sharing the
+        connection (each queue pair of a multiqueue NIC): an identical region is counted, not
+        mapped again, and unmapped only when every ADD has been matched by a REM."""
+        with self._writer:
+            same = self.table.find_exact(spec.guest_phys_addr, spec.memory_size,
+                                         spec.userspace_addr)
+            if same is not None and same.spec == spec:
+                same.users += 1
+                fd.close()
+                return
         region = _map_all([(spec, fd)])[0]
         with self._writer:
             try:
@@ -92,6 +102,9 @@ class GuestMemory:
                                            spec.userspace_addr)
             if region is None:
                 raise BadRegionError(f"no region matches {spec} for removal")
+            if region.users > 1:
+                region.users -= 1
+                return
             self._publish_locked(self.table.without_region(region))
 
     def clear(self) -> None:

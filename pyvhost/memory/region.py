@@ -59,6 +59,7 @@ class MappedRegion:
     def __init__(self, spec: RegionSpec, fd: OwnedFd) -> None:
         spec.check()
         self.spec = spec
+        self.users = 1  # ADD_MEM_REGs naming this very region, written under the writer lock
         self._fd = fd
         length = spec.mmap_offset + spec.memory_size
         _check_backing_size(fd, length, spec)
