@@ -76,13 +76,34 @@ def describe_leak(before: dict[int, str], after: dict[int, str]) -> str:
 
 # -- a live daemon in this process ------------------------------------------------------------
 
+def warm_up_net() -> None:
+    """Load the net device's burst and the worker's ring calls (as `pyvhost net` does before
+    serving): a first burst that loads or compiles them runs inside the worker's epoch, and a
+    grace period then waits for it (0.8 s seen)."""
+    from pyvhost.devices.net import NetDevice
+    from pyvhost.memory.table import RegionTable
+    from pyvhost.ring import kernels as K
+    from pyvhost.ring.direct_map import NO_VIEWS
+    from pyvhost.ring.split_queue import SplitQueue
+    dev = NetDevice()
+    q = SplitQueue(1)
+    q.set_size(1)
+    dev.on_queue_started(q)
+    table = RegionTable()
+    dev.process_burst(q, table, table.kernel(), NO_VIEWS)
+    K.enable_notification(table.kernel(), q.q, NO_VIEWS)
+    K.disable_notification(table.kernel(), q.q, NO_VIEWS)
+
+
 class DaemonThread:
-    """`Server(device_factory, path)` serving in a daemon thread until `stop()`."""
+    """`Server(device_factory, path)` serving in a daemon thread until `stop()` (the net
+    device by default, its kernels loaded first)."""
 
     def __init__(self, path: str, device_factory: Callable[[], Device] | None = None,
                  options: BackendOptions = BackendOptions()) -> None:
         if device_factory is None:
             from pyvhost.devices.net import NetDevice
+            warm_up_net()
             device_factory = NetDevice
         self.path = path
         self.server = Server(device_factory, path, options=options)
