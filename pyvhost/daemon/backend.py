@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
-from pyvhost.daemon.eventfd import EventFd
+from pyvhost.daemon.eventfd import EventFd, NotAnEventFd
 from pyvhost.daemon.vring import Vring
 from pyvhost.daemon.worker import Worker, group_rings
 from pyvhost.devices.base import ConfigError, Device
@@ -380,7 +380,7 @@ class Backend:
     def _set_vring_kick(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringFd)
         vr = self._vring(msg.payload.index)
-        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"kick{vr.index}")
+        new = None if msg.payload.nofd else _eventfd(msg, f"kick{vr.index}")
         old, vr.kick, vr.kick_polling = vr.kick, new, new is None
         self._retire(vr, old)
         if vr.started:
@@ -399,14 +399,14 @@ class Backend:
     def _set_vring_call(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringFd)
         vr = self._vring(msg.payload.index)
-        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"call{vr.index}")
+        new = None if msg.payload.nofd else _eventfd(msg, f"call{vr.index}")
         old, vr.call = vr.call, new
         self._retire(vr, old)
 
     def _set_vring_err(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringFd)
         vr = self._vring(msg.payload.index)
-        new = None if msg.payload.nofd else EventFd(msg.take_fd(), f"err{vr.index}")
+        new = None if msg.payload.nofd else _eventfd(msg, f"err{vr.index}")
         old, vr.err = vr.err, new
         self._retire(vr, old)
 
@@ -611,6 +611,16 @@ class Backend:
             self.backend_req.close()
             self.backend_req = None
         self.protocol.close()
+
+
+def _eventfd(msg: Message, name: str) -> EventFd:
+    """The message's fd as an EventFd; anything but an eventfd is closed and refused."""
+    fd = msg.take_fd()
+    try:
+        return EventFd(fd, name)
+    except NotAnEventFd as exc:
+        fd.close()
+        raise RequestRefused(f"{exc} (a kick, call or error fd must be one)") from None
 
 
 def _u64(msg: Message) -> int:

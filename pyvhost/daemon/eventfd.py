@@ -16,12 +16,31 @@ from pyvhost.fd import OwnedFd
 _ONE = (1).to_bytes(8, "little")
 
 
+class NotAnEventFd(ValueError):
+    """A frontend sent some other kind of fd where an eventfd belongs."""
+
+
+def is_eventfd(fd: int) -> bool:
+    """Whether fd is an eventfd (its /proc fdinfo has an eventfd-count line)."""
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            return b"eventfd-count:" in f.read()
+    except OSError:
+        return False
+
+
 class EventFd:
-    """One eventfd, owned. `signal()` and `drain()` never block."""
+    """One eventfd, owned. `signal()` and `drain()` never block.
+
+    Anything else is refused (NotAnEventFd; the caller still owns `fd` then): a directory,
+    a pipe's other end or a socket would make a worker's read or write fail or misbehave.
+    """
 
     __slots__ = ("_fd", "name")
 
     def __init__(self, fd: OwnedFd, name: str = "eventfd") -> None:
+        if not is_eventfd(fd.fileno()):
+            raise NotAnEventFd(f"{name}: fd {fd.fileno()} is not an eventfd")
         self._fd = fd
         self.name = name
         _set_nonblocking(fd.fileno())
