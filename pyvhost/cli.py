@@ -33,9 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument("--sink", default="drop", metavar="drop|tap:NAME|pcap:FILE",
                      help="where transmitted frames go: counted and dropped (default), written "
                           "to a TAP (created if absent), or recorded in a pcap file")
-    net.add_argument("--source", default=None, metavar="tap:NAME|loopback",
-                     help="where received frames come from: a TAP, or what the guest "
-                          "transmits (default: nothing is received)")
+    net.add_argument("--source", default=None, metavar="tap:NAME|loopback|gen:SIZE",
+                     help="where received frames come from: a TAP, what the guest "
+                          "transmits, or a generator of SIZE-byte UDP frames that fills every "
+                          "buffer the guest posts (default: nothing is received)")
     net.add_argument("--tap", metavar="NAME",
                      help="short for --sink tap:NAME --source tap:NAME")
     net.add_argument("--mac", default=None,

@@ -62,7 +62,7 @@ def _settings(**kw) -> V.Settings:
 
 def test_plan_alternates_contenders_and_rotates_their_order():
     samples = V.plan(_settings())
-    assert len(samples) == 3 * 2 * (3 + 1)
+    assert len(samples) == 3 * 2 * (3 + 3)
     firsts = [s.contender for s in samples if s.direction == "tx" and s.packet_size == 64][::3]
     assert firsts == list(V.TX_CONTENDERS)  # each leads one repetition
     for rep in range(3):
@@ -93,8 +93,9 @@ def _fake_result(tmp_path) -> dict:
     samples[0].error, samples[0].pps = "TestbedError: boom", None
     summary = V.summarize(samples)
     return {"settings": dataclasses.asdict(settings),
-            "machine": V.machine_description(False), "pyvhost_rx": V.NO_RX_SOURCE,
+            "machine": V.machine_description(False),
             "summary": summary, "ratios": V.ratios(summary, settings.sizes),
+            "rx_ratios": V.ratios(summary, settings.sizes, "rx"),
             "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples]}
 
 
@@ -108,7 +109,7 @@ def test_summary_ratios_and_table(tmp_path):
     text = V.markdown(result)
     assert "| after: pyvhost `--metadata-access direct` | 10.50 [10.00–11.00] |" in text
     assert "| after / before (direct / copy) | " in text and "2.00×" in text
-    assert "n/a (no RX source yet)" in text
+    assert "| after: pyvhost `--metadata-access direct --source gen:SIZE` | 10.50" in text
     assert "1 sample(s) failed" in text
     assert "§" in text  # RX samples with a full ring are marked sink-bound
 

@@ -7,8 +7,9 @@ port in txonly mode generates on one core; the backend under test receives on th
 - after:  `pyvhost net --poll --metadata-access direct`
 - C peer: `dpdk-testpmd --vdev net_vhost0,iface=SOCK --forward-mode=rxonly` (DPDK's vhost PMD)
 
-The RX direction (backend generates into virtio-user rxonly) is measured for the vhost PMD in
-txonly mode; pyvhost has no RX generator yet, so its row says so.
+The RX direction: the backend generates into virtio-user rxonly — the vhost PMD in txonly
+mode, pyvhost with `--source gen:SIZE` (copy and direct) — and the figure is what the backend
+delivered into the ring.
 
 Method. Each sample is one fresh backend process and one fresh generator. Contenders alternate
 within every repetition (and the order rotates between repetitions), so machine noise hits
@@ -56,8 +57,6 @@ from pyvhost.testing import testbed as tb
 
 # -- contenders ---------------------------------------------------------------------------------
 
-PYVHOST_RX = "pyvhost"
-RX_CONTENDERS = (DPDK_VHOST, PYVHOST_RX)
 
 ROW_LABELS = {
     ("loop", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --source loopback`",
@@ -66,14 +65,12 @@ ROW_LABELS = {
     ("tx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy`",
     ("tx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct`",
     ("tx", DPDK_VHOST): "C peer: DPDK vhost PMD (`rxonly`)",
+    ("rx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --source gen:SIZE`",
+    ("rx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --source gen:SIZE`",
     ("rx", DPDK_VHOST): "C peer: DPDK vhost PMD (`txonly`)",
-    ("rx", PYVHOST_RX): "pyvhost",
 }
 SHORT_LABELS = {PYVHOST_COPY: "pyvhost copy", PYVHOST_DIRECT: "pyvhost direct",
-                DPDK_VHOST: "DPDK vhost PMD", PYVHOST_RX: "pyvhost"}
-NO_RX_SOURCE = "n/a (no RX source yet)"
-# What the RX table says once pyvhost has sources, none of which generates frames.
-NO_RX_GENERATOR = "n/a (no generating source; see loopback)"
+                DPDK_VHOST: "DPDK vhost PMD"}
 LOOP_BURSTS = 64  # testpmd `start tx_first N`: bursts of 32 sent before forwarding
 
 RX_RING_SLACK = 256  # testpmd's default ring size (see measure_rx_dpdk)
@@ -427,11 +424,7 @@ def measure_tx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path, samp
     sample.generator_sent, sample.refused = sent.tx_packets, sent.tx_dropped
     sample.backend_total = int(final.get("tx_packets", -1))
     sample.counts_match = sample.backend_total == sent.tx_packets
-    if final.get("queues_broken"):
-        raise tb.TestbedError(f"pyvhost broke {final['queues_broken']} queue(s):\n{backend.tail()}")
-    direct, copy = final.get("direct_rounds", 0), final.get("copy_rounds", 0)
-    if (mode == "direct" and (direct == 0 or copy > direct)) or (mode == "copy" and direct != 0):
-        raise tb.TestbedError(f"pyvhost {mode}: {direct} direct and {copy} copy rounds")
+    _check_pyvhost_run(final, mode, backend)
     if sample.pps is None:
         raise tb.TestbedError(f"no pyvhost statistics line inside the window:\n{backend.tail()}")
 
@@ -459,6 +452,47 @@ def measure_tx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) ->
     sample.generator_sent, sample.refused = sent.tx_packets, sent.tx_dropped
     sample.backend_total = total
     sample.counts_match = total == sent.tx_packets
+
+
+def measure_rx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
+                       sample: Sample) -> None:
+    """pyvhost --source gen:SIZE generates into virtio-user (rxonly); the figure is what pyvhost
+    delivered into the ring (its own rx rate)."""
+    sock, stats = tmp / f"rx-{mode}-{size}.sock", tmp / f"rx-{mode}-{size}.json"
+    phase = _Phases(sample)
+    with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
+                        ["--source", f"gen:{size}"]) as backend:
+        phase.mark("backend_start")
+        with _testpmd(settings, tb.virtio_user_vdev(sock), "rxonly", settings.generator_cpu,
+                      "bench-sink") as sink:
+            since = phase.mark("generator_start")
+            w = _measure_window(settings, since, [backend.pid, sink.pid], None)
+            phase.mark("warmup_and_window")
+            sink.stop_forwarding()  # no more buffers: the generator stops when the ring is full
+            time.sleep(settings.drain)
+            received = sink.port_stats()[0].rx_packets
+            sink.stop()
+            phase.mark("generator_stop")
+        final = backend.stop()
+        phase.mark("backend_stop")
+    sample.pps, covered, sample.intervals, sample.rounds_per_s = backend.window_rate(
+        w.t0, w.t1, settings.interval, key="rx")
+    sample.window_s = round(covered, 3)
+    sample.backend_cpu_share, sample.generator_cpu_share = w.cpu_shares
+    sample.generator_sent, sample.backend_total = int(final.get("rx_packets", -1)), received
+    sample.counts_match = 0 <= sample.generator_sent - received <= RX_RING_SLACK
+    _check_pyvhost_run(final, mode, backend)
+    if sample.pps is None:
+        raise tb.TestbedError(f"no pyvhost RX rate inside the window:\n{backend.tail()}")
+
+
+def _check_pyvhost_run(final: dict[str, Any], mode: str, backend: PyvhostProcess) -> None:
+    """No queue broke, and the rounds ran on the metadata path asked for."""
+    if final.get("queues_broken"):
+        raise tb.TestbedError(f"pyvhost broke {final['queues_broken']} queue(s):\n{backend.tail()}")
+    direct, copy = final.get("direct_rounds", 0), final.get("copy_rounds", 0)
+    if (mode == "direct" and (direct == 0 or copy > direct)) or (mode == "copy" and direct != 0):
+        raise tb.TestbedError(f"pyvhost {mode}: {direct} direct and {copy} copy rounds")
 
 
 def measure_rx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) -> None:
@@ -573,6 +607,9 @@ def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
             measure_tx_dpdk(settings, sample.packet_size, tmp, sample)
         elif sample.direction == "rx" and sample.contender == DPDK_VHOST:
             measure_rx_dpdk(settings, sample.packet_size, tmp, sample)
+        elif sample.direction == "rx" and sample.contender in (PYVHOST_COPY, PYVHOST_DIRECT):
+            mode = "copy" if sample.contender == PYVHOST_COPY else "direct"
+            measure_rx_pyvhost(settings, sample.packet_size, mode, tmp, sample)
         elif sample.direction == "loop" and sample.contender in (PYVHOST_COPY, PYVHOST_DIRECT):
             mode = "copy" if sample.contender == PYVHOST_COPY else "direct"
             measure_loop_pyvhost(settings, sample.packet_size, mode, tmp, sample)
@@ -613,8 +650,9 @@ def plan(settings: Settings) -> list[Sample]:
             shift = rep % len(tx) if tx else 0
             for contender in tx[shift:] + tx[:shift]:
                 samples.append(Sample("tx", contender, size, rep))
-            if settings.rx and DPDK_VHOST in settings.contenders:
-                samples.append(Sample("rx", DPDK_VHOST, size, rep))
+            if settings.rx:
+                for contender in tx[shift:] + tx[:shift]:
+                    samples.append(Sample("rx", contender, size, rep))
             if settings.loopback and (size in settings.loop_sizes):
                 for contender in tx[shift:] + tx[:shift]:
                     samples.append(Sample("loop", contender, size, rep))
@@ -703,11 +741,17 @@ def markdown(result: dict[str, Any]) -> str:
     if s["rx"]:
         lines += ["", "**RX** (backend generates → testpmd virtio-user `rxonly`): Mpps the "
                   "backend delivered into the ring, median [min–max]", "", head, rule]
-        row = summary.get("rx", {}).get(DPDK_VHOST, {})
-        lines.append(f"| {ROW_LABELS[('rx', DPDK_VHOST)]} | "
-                     + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
-        lines.append(f"| {ROW_LABELS[('rx', PYVHOST_RX)]} | "
-                     + " | ".join(result["pyvhost_rx"] for _ in sizes) + " |")
+        for contender in TX_CONTENDERS:
+            if contender not in s["contenders"]:
+                continue
+            row = summary.get("rx", {}).get(contender, {})
+            lines.append(f"| {ROW_LABELS[('rx', contender)]} | "
+                         + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
+        rrat = result.get("rx_ratios") or ratios(summary, sizes, "rx")
+        lines.append("| after / before (direct / copy) | "
+                     + " | ".join(_ratio_cell(rrat["direct/copy"][str(n)]) for n in sizes) + " |")
+        lines.append("| pyvhost direct / DPDK vhost PMD | "
+                     + " | ".join(_ratio_cell(rrat["direct/dpdk"][str(n)]) for n in sizes) + " |")
     if s.get("loopback"):
         loop_sizes = s["loop_sizes"]
         lhead = "| backend | " + " | ".join(f"{n} B" for n in loop_sizes) + " |"
@@ -762,12 +806,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if result["settings"].get("loopback"):
         panels += [("loop", n) for n in result["settings"]["loop_sizes"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
-    colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
-              PYVHOST_RX: "#1f77b4"}
+    colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728"}
     for ax, (direction, size) in zip(axes[0], panels):
-        contenders = RX_CONTENDERS if direction == "rx" else TX_CONTENDERS
-        contenders = [c for c in contenders if c in result["settings"]["contenders"]
-                      or c == PYVHOST_RX]
+        contenders = [c for c in TX_CONTENDERS if c in result["settings"]["contenders"]]
         names, heights, lows, highs = [], [], [], []
         for c in contenders:
             stats = result["summary"].get(direction, {}).get(c, {}).get(str(size))
@@ -848,7 +889,6 @@ def run(args: argparse.Namespace) -> int:
     if load > args.load_threshold:
         print(f"WARNING: load average {load:.2f} > {args.load_threshold}: other work is "
               f"running on this machine; the figures will be low and noisy.", file=sys.stderr)
-    pyvhost_rx = NO_RX_GENERATOR if settings.loopback or _pyvhost_rx_sources() else NO_RX_SOURCE
     samples = plan(settings)
     print(f"pyvhost bench: {len(samples)} samples, "
           f"{'hugepages' if settings.hugepages else '--no-huge'}, generator CPU "
@@ -868,9 +908,9 @@ def run(args: argparse.Namespace) -> int:
     result = {
         "settings": dataclasses.asdict(settings),
         "machine": machine,
-        "pyvhost_rx": pyvhost_rx,
         "summary": summary,
         "ratios": ratios(summary, settings.sizes),
+        "rx_ratios": ratios(summary, settings.sizes, "rx"),
         "loop_ratios": ratios(summary, settings.loop_sizes, "loop"),
         "elapsed_s": round(time.monotonic() - started, 1),
         "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples],

@@ -2,7 +2,8 @@
 
     TX sinks:   drop (net.py's compiled drop kernel), tap:NAME, pcap:FILE
     RX sources: tap:NAME (frames the host sends through the TAP), loopback (what the guest
-                transmits comes back to it)
+                transmits comes back to it), gen:SIZE (a traffic generator: the guest
+                receives SIZE-byte UDP frames as fast as it posts buffers)
 
 Queue pair k (RX ring 2k, TX ring 2k+1) has:
 - a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX chains, copies header +
@@ -25,6 +26,13 @@ eventfd the TX side signals after queueing frames (the two rings may be on diffe
 When the guest refills its RX ring it kicks, the worker runs `process_rx`, and waiting frames
 go in.
 
+The generator (`gen:SIZE`, the counterpart of DPDK testpmd's txonly for benchmarks) is an RX
+backlog whose every slot holds the same frame (`generated_frame`) and that never runs dry:
+before each delivery its tail is set a whole ring ahead of its head. Delivery only rewrites
+the slot's virtio-net header, so the frame bytes stay valid; each frame costs one copy into
+the guest, as DPDK's txonly mbufs do. It needs no wake-up fd: the guest's kick for new
+buffers is the only thing it waits for.
+
 TAPs, pcap files and the loopback wake-up eventfds belong to an `Endpoints` object that
 outlives connections (the CLI opens them once; each connection's device uses them).
 """
@@ -33,6 +41,7 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,11 +58,16 @@ from pyvhost.ring.split_queue import SplitQueue
 log = logging.getLogger(__name__)
 
 SINK_KINDS = ("drop", "tap", "pcap")
-SOURCE_KINDS = ("tap", "loopback")
+SOURCE_KINDS = ("tap", "loopback", "gen")
 DEFAULT_MTU = 1500
 DEFAULT_RX_BACKLOG = 1024
 # Ethernet header + one VLAN tag on top of the MTU (802.1Q).
 L2_OVERHEAD = 18
+# gen:SIZE: Ethernet + IPv4 + UDP headers, the smallest frame it makes.
+GEN_MIN_SIZE = 14 + 20 + 8
+# Frames a generator may deliver per call (bursts of max_burst): more would stretch the
+# worker's round, and so a grace period, past one burst's worth of time.
+GEN_ROUNDS_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -65,17 +79,47 @@ class Endpoint:
         return self.kind if self.arg is None else f"{self.kind}:{self.arg}"
 
 
+_ARG_NAMES = {"tap": "NAME", "pcap": "FILE", "gen": "SIZE"}
+
+
 def parse_endpoint(spec: str, kinds: tuple[str, ...]) -> Endpoint:
-    """'drop', 'loopback', 'tap:NAME' or 'pcap:FILE' (as allowed by `kinds`)."""
+    """'drop', 'loopback', 'tap:NAME', 'pcap:FILE' or 'gen:SIZE' (as allowed by `kinds`)."""
     kind, sep, arg = spec.partition(":")
     if kind not in kinds:
         raise ValueError(f"unknown {spec!r} (have: {', '.join(kinds)})")
-    needs_arg = kind in ("tap", "pcap")
+    needs_arg = kind in _ARG_NAMES
     if needs_arg and not arg:
-        raise ValueError(f"{kind} needs a name: {kind}:{'NAME' if kind == 'tap' else 'FILE'}")
+        what = "a size" if kind == "gen" else "a name"
+        raise ValueError(f"{kind} needs {what}: {kind}:{_ARG_NAMES[kind]}")
+    if kind == "gen" and not (arg.isdigit() and int(arg) >= GEN_MIN_SIZE):
+        raise ValueError(f"{spec!r}: SIZE must be a whole number of bytes, at least "
+                         f"{GEN_MIN_SIZE} (Ethernet + IPv4 + UDP headers)")
     if not needs_arg and sep:
         raise ValueError(f"{kind} takes no argument ({spec!r})")
     return Endpoint(kind, arg if needs_arg else None)
+
+
+def generated_frame(size: int, mac: bytes = b"\xff" * 6) -> bytes:
+    """The frame gen:SIZE sends: Ethernet to `mac` (broadcast by default) from a locally
+    administered address, IPv4 198.18.0.1 -> 198.18.0.2 (RFC 2544's benchmark range) with a
+    valid header checksum, UDP to the discard port 9 (no checksum, allowed over IPv4), and a
+    payload of bytes counting up: `size` bytes in all (no FCS, as DPDK's txonly)."""
+    if size < GEN_MIN_SIZE:
+        raise ValueError(f"a generated frame needs at least {GEN_MIN_SIZE} bytes, not {size}")
+    ip_len = size - 14
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, ip_len, 0, 0x4000, 64, 17, 0,
+                               bytes((198, 18, 0, 1)), bytes((198, 18, 0, 2))))
+    ip[10:12] = struct.pack("!H", _ip_checksum(bytes(ip)))
+    udp = struct.pack("!HHHH", 9, 9, ip_len - 20, 0)
+    payload = bytes(i & 0xFF for i in range(ip_len - 28))
+    return bytes(mac) + b"\x02\x00\x00\x00\x00\x01" + b"\x08\x00" + bytes(ip) + udp + payload
+
+
+def _ip_checksum(header: bytes) -> int:
+    total = sum(struct.unpack(f"!{len(header) // 2}H", header))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
 
 
 def slot_size(mtu: int) -> int:
@@ -104,6 +148,23 @@ class FrameRing:
     @property
     def dropped(self) -> int:
         return int(self.ctl[RK.R_FULL_DROPS] + self.ctl[RK.R_OVERSIZE_DROPS])
+
+    @classmethod
+    def repeating(cls, frame: bytes, capacity: int, slot: int) -> "FrameRing":
+        """A ring whose every slot holds `frame` behind a zero virtio-net header; `refill()`
+        makes it full again without writing a byte (the generator source)."""
+        ring = cls(capacity, slot)
+        ring.data[:, RK.HDR:RK.HDR + len(frame)] = np.frombuffer(frame, dtype=np.uint8)
+        ring.lens[:] = RK.HDR + len(frame)
+        return ring
+
+    @property
+    def empty(self) -> bool:
+        return self.pending == 0
+
+    def refill(self) -> None:
+        """Producer, for a `repeating` ring only: every slot pending again."""
+        self.ctl[RK.R_TAIL] = self.ctl[RK.R_HEAD] + self.capacity
 
     def clear(self) -> None:
         """Forget pending frames (consumer side: only the consumer, or with both stopped)."""
@@ -270,6 +331,7 @@ class NetIo:
         if self.source is not None and self.source.kind == "tap":
             self.rx_tap = self.endpoints.tap(self.source.arg, queue_pairs, mtu)  # type: ignore[arg-type]
         self.loopback = self.source is not None and self.source.kind == "loopback"
+        self.generator = self.source is not None and self.source.kind == "gen"
         # TX: the drop sink without loopback keeps net.py's own kernel.
         self.gathers_tx = self.sink.kind != "drop" or self.loopback
         self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
@@ -279,8 +341,17 @@ class NetIo:
         self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
             if self.pcap is not None else np.zeros(0, dtype=np.uint8)
         # RX
-        self.rx_ring = [FrameRing(rx_backlog, self.slot) for _ in range(queue_pairs)] \
-            if self.source is not None else []
+        if self.generator:
+            frame = generated_frame(int(self.source.arg))  # type: ignore[union-attr, arg-type]
+            largest = (mtu or DEFAULT_MTU) + L2_OVERHEAD
+            if len(frame) > largest:
+                raise ValueError(f"gen:{len(frame)}: larger than the MTU allows "
+                                 f"({largest} bytes at most)")
+            self.rx_ring = [FrameRing.repeating(frame, max_burst, self.slot)
+                            for _ in range(queue_pairs)]
+        else:
+            self.rx_ring = [FrameRing(rx_backlog, self.slot) for _ in range(queue_pairs)] \
+                if self.source is not None else []
         self.rx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
         self.rx_counters = np.zeros((queue_pairs, RK.RX_COUNTERS_LEN), dtype=np.int64)
         self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
@@ -341,6 +412,8 @@ class NetIo:
                 os.eventfd_read(self._wake[pair])
             except BlockingIOError:
                 pass
+        if self.generator:
+            return self._generate(queue, mem, views, mergeable, pair)
         buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
         if buffers < 0:
             return 0, False
@@ -356,6 +429,22 @@ class NetIo:
             if more and ring.full:
                 # The guest has no buffers and the backlog is full: drop at the source.
                 ring.ctl[RK.R_FULL_DROPS] += drain_fd(fd, self._drain_buf, self.max_burst)
+        return buffers, notify
+
+    def _generate(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+                  mergeable: bool, pair: int) -> tuple[int, bool]:
+        """gen:SIZE: whole bursts of the same frame while the guest has buffers for them."""
+        ring = self.rx_ring[pair]
+        buffers, notify = 0, False
+        for _ in range(GEN_ROUNDS_PER_CALL):
+            ring.refill()
+            got, more_notify = self._deliver(queue, mem, views, mergeable, pair)
+            if got <= 0:
+                break
+            buffers += got
+            notify |= more_notify
+            if not ring.empty:  # the guest ran out of buffers
+                break
         return buffers, notify
 
     def _deliver(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
