@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -149,11 +150,15 @@ def run(ops: int, *, poll: bool = False, qsize: int = 256, seed: int = 1, stress
         try:
             baseline = snapshot()
             hogs = _stress(stress, timeout)
+            # Its output goes to files, not pipes: with --trace it prints more than a pipe
+            # holds, and this loop does not read until the frontend has exited.
+            out_file = open(os.path.join(tmp, "frontend.out"), "w+")
+            err_file = open(os.path.join(tmp, "frontend.err"), "w+")
             proc = subprocess.Popen(
                 [sys.executable, "-m", "pyvhost.testing.churn", "frontend", "--path", path,
                  "--ops", str(ops), "--qsize", str(qsize), "--seed", str(seed)]
                 + (["--trace"] if trace else []),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                stdout=out_file, stderr=err_file, text=True)
             backend = None
             t0 = time.monotonic()
             while proc.poll() is None:
@@ -164,7 +169,11 @@ def run(ops: int, *, poll: bool = False, qsize: int = 256, seed: int = 1, stress
                     failures.append("frontend did not finish in time")
                     break
                 time.sleep(0.01)
-            out, err = proc.communicate()
+            proc.wait()
+            with out_file, err_file:
+                out_file.seek(0)
+                err_file.seek(0)
+                out, err = out_file.read(), err_file.read()
             for h in hogs:
                 h.kill()
                 h.wait()
@@ -234,10 +243,7 @@ def run(ops: int, *, poll: bool = False, qsize: int = 256, seed: int = 1, stress
             h.wait()
         sys.setswitchinterval(old_switch)
         restore()
-        try:
-            os.rmdir(tmp)
-        except OSError:
-            pass
+        shutil.rmtree(tmp, ignore_errors=True)
     return RunResult(failures, report)
 
 
