@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from pyvhost.ring import kernels as K
-from pyvhost.ring.hostmem import load_u8
+from pyvhost.ring.hostmem import load_u8, prefetch
 from pyvhost.ring.jit import kernel
 
 # Counter slots.
@@ -127,12 +127,27 @@ def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, count
 
 
 @kernel
+def prefetch_headers(mem, seg_addr, seg_flags, chain_end, n):
+    """Start loading the first cache line of every popped frame. The driver's core has just
+    written them, so each is a cache miss; issued together they overlap instead of stalling
+    the classification of each frame in turn (what DPDK's rte_prefetch0 does in its bursts)."""
+    start = 0
+    for k in range(n):
+        if seg_flags[start] == 0:
+            host, left = K.host_span(mem, K.SPACE_GPA, seg_addr[start])
+            if left > VIRTIO_NET_HDR_LEN:
+                prefetch(host + VIRTIO_NET_HDR_LEN)
+        start = chain_end[k]
+
+
+@kernel
 def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags,
                   scratch, counters):
     """One burst: pop, classify, complete. Returns chains done (-1: queue broken)."""
     n = K.pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags)
     if n <= 0:
         return n
+    prefetch_headers(mem, seg_addr, seg_flags, chain_end, n)
     start = 0
     for k in range(n):
         end = chain_end[k]

@@ -8,6 +8,7 @@ bound every address by the region it was translated in.
 
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 
@@ -59,3 +60,19 @@ load_u16 = _atomic_load(16, types.uint16)
 load_u32 = _atomic_load(32, types.uint32)
 store_u16 = _atomic_store(16, types.uint16)
 store_u32 = _atomic_store(32, types.uint32)
+
+
+@intrinsic
+def prefetch(typingctx, addr):
+    """Hint the CPU to start loading the cache line at a host address (LLVM `prefetch`, read,
+    high locality). Never faults, so it may run before the address is known to be used; the
+    bursts use it to overlap the cache misses of a whole burst of frames the driver's core
+    has just written, instead of taking them one after another."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(types.int64), codegen
