@@ -13,7 +13,7 @@ import numpy as np
 
 from pyvhost.ring import kernels as K
 from pyvhost.ring.hostmem import load_u8, prefetch
-from pyvhost.ring.jit import kernel
+from pyvhost.ring.jit import inlined_kernel, kernel
 
 # Counter slots.
 C_PACKETS = 0
@@ -78,7 +78,7 @@ def classify_frame(frame, n, counters):
     count_l4(proto, counters)
 
 
-@kernel
+@inlined_kernel
 def count_l4(proto, counters):
     if proto == 6:
         counters[C_TCP] += 1
@@ -90,7 +90,7 @@ def count_l4(proto, counters):
         counters[C_OTHER] += 1
 
 
-@kernel
+@inlined_kernel
 def classify_in_place(host, n, counters):
     """classify_frame for a frame lying contiguously at a host address (no copy): the common
     case, one descriptor holding the virtio-net header and the whole frame."""
@@ -111,7 +111,7 @@ def classify_in_place(host, n, counters):
         count_l4(-1, counters)
 
 
-@kernel
+@inlined_kernel
 def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters):
     first = seg_len[start] if seg_flags[start] == 0 else 0
     if first >= VIRTIO_NET_HDR_LEN + 18 + 10:  # headers up to the IPv4 protocol, VLAN or not

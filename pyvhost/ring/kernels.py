@@ -65,7 +65,7 @@ VRING_USED_F_NO_NOTIFY = 1
 
 # ---------------------------------------------------------------- translation (copy path) --
 
-@kernel
+@inlined_kernel
 def region_index(mem, space, addr):
     """Index of the region holding `addr` in `space`, or -1. Binary search."""
     if space == SPACE_GPA:
@@ -101,7 +101,7 @@ def region_start(mem, space, i):
     return mem[KM_GPA_START][i] if space == SPACE_GPA else mem[KM_USER_START][i]
 
 
-@kernel
+@inlined_kernel
 def is_mapped(mem, space, addr, length):
     """True if all of [addr, addr+length) lies in regions (possibly several adjacent ones)."""
     if addr < 0 or length < 0 or addr > ADDR_MAX - length:
@@ -336,7 +336,7 @@ def avail_count(mem, q, views):
     return n
 
 
-@kernel
+@inlined_kernel
 def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     """Walk the chain at avail slot next_avail into the segment arrays from seg_pos.
 
@@ -456,7 +456,7 @@ def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
     return n
 
 
-@kernel
+@inlined_kernel
 def add_used(mem, q, views, head, length):
     """Write one used element at next_used (not yet published)."""
     size = q[Q_SIZE]
