@@ -61,6 +61,7 @@ from pyvhost.protocol.constants import (
 )
 from pyvhost.ring import kernels as K
 from pyvhost.ring.layout import (
+    VIRTIO_F_IN_ORDER,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     avail_ring_size,
@@ -245,7 +246,8 @@ class Backend:
             self.device.set_features(value)
             for vr in self.vrings:
                 vr.queue.set_features(event_idx=bool(value >> VIRTIO_RING_F_EVENT_IDX & 1),
-                                      indirect=bool(value >> VIRTIO_RING_F_INDIRECT_DESC & 1))
+                                      indirect=bool(value >> VIRTIO_RING_F_INDIRECT_DESC & 1),
+                                      in_order=bool(value >> VIRTIO_F_IN_ORDER & 1))
 
     @property
     def _protocol_features_negotiated(self) -> bool:

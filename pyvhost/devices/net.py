@@ -30,8 +30,8 @@ from pyvhost.devices.net_rx import SINK_KINDS, Endpoints, NetIo
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.ring.direct_map import RingViews
-from pyvhost.ring.layout import (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-                                 VIRTIO_RING_F_INDIRECT_DESC)
+from pyvhost.ring.layout import (VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
+                                 VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
 from pyvhost.ring.split_queue import SplitQueue
 
 # Feature bits (5.1.3).
@@ -76,7 +76,12 @@ class TxScratch:
 
 class NetDevice(Device):
     name = "net"
-    device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    # IN_ORDER (2.7.9): every queue uses its buffers in the order they were made available
+    # (TX chains are popped and completed in turn, RX frames fill chains in turn, and a frame
+    # that does not fit gives its chains back unused), so it is offered: DPDK's virtio PMD
+    # then frees TX buffers without reading the used ring entry by entry.
+    device_features = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_F_IN_ORDER)
+                       | (1 << VIRTIO_RING_F_EVENT_IDX)
                        | (1 << VIRTIO_RING_F_INDIRECT_DESC) | (1 << VIRTIO_NET_F_MAC)
                        | (1 << VIRTIO_NET_F_STATUS) | (1 << VIRTIO_NET_F_MRG_RXBUF)
                        | (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_CTRL_RX)

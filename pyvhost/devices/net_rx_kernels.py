@@ -299,6 +299,12 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 if seg_flags[j] != 0:
                     w += seg_len[j]
             if w == 0:
+                if nchains > 0 and (q[K.Q_FLAGS] & K.F_IN_ORDER):
+                    # Returning it before this frame's buffers would use buffers out of ring
+                    # order (2.7.9), after them would make it part of the frame: a driver that
+                    # posts a read-only receive buffer has broken 5.1.6.3 anyway.
+                    K.fail(q, E.RX_NOT_WRITABLE, h)
+                    return -1, 0, False
                 # No writable byte: not a receive buffer. It is returned with length 0 before
                 # this frame's buffers (never counted in its num_buffers).
                 chain_heads[chain_heads.shape[0] - 1 - nbad] = h

@@ -20,6 +20,7 @@ class RingErrorCode(IntEnum):
     READ_AFTER_WRITE = 11     # device-readable descriptor after a device-writable one
     USED_ID_OUT_OF_RANGE = 12 # the device itself pushed an id >= queue size (our bug)
     INDIRECT_NOT_NEGOTIATED = 13
+    RX_NOT_WRITABLE = 14      # with IN_ORDER: a receive buffer without a writable byte amid a frame's
 
 
 _MESSAGES = {
@@ -36,6 +37,8 @@ _MESSAGES = {
     RingErrorCode.READ_AFTER_WRITE: "device-readable descriptor after a writable one at head {info}",
     RingErrorCode.USED_ID_OUT_OF_RANGE: "used id {info} out of range",
     RingErrorCode.INDIRECT_NOT_NEGOTIATED: "indirect descriptor {info} without INDIRECT_DESC",
+    RingErrorCode.RX_NOT_WRITABLE: "receive buffer at head {info} has no device-writable byte, "
+                                   "amid a frame's buffers (IN_ORDER: cannot be returned apart)",
 }
 
 

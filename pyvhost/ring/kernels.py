@@ -49,6 +49,7 @@ QSTATE_LEN = 16
 F_EVENT_IDX = 1
 F_INDIRECT = 2
 F_DIRECT = 4
+F_IN_ORDER = 8          # VIRTIO_F_IN_ORDER negotiated: buffers must be used in ring order (2.7.9)
 
 SPACE_GPA = 0
 SPACE_USER = 1

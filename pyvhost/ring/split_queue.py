@@ -126,10 +126,10 @@ class SplitQueue:
         self.addresses_set = True
         self.invalidate("ring addresses changed")
 
-    def set_features(self, *, event_idx: bool, indirect: bool) -> None:
-        flags = int(self.q[K.Q_FLAGS]) & ~(K.F_EVENT_IDX | K.F_INDIRECT)
+    def set_features(self, *, event_idx: bool, indirect: bool, in_order: bool = False) -> None:
+        flags = int(self.q[K.Q_FLAGS]) & ~(K.F_EVENT_IDX | K.F_INDIRECT | K.F_IN_ORDER)
         self.q[K.Q_FLAGS] = flags | (K.F_EVENT_IDX if event_idx else 0) | (
-            K.F_INDIRECT if indirect else 0)
+            K.F_INDIRECT if indirect else 0) | (K.F_IN_ORDER if in_order else 0)
 
     @property
     def next_avail(self) -> int:
