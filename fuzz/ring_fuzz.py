@@ -34,6 +34,7 @@ queue's state array, so a run does tens of thousands of inputs per second per co
 from __future__ import annotations
 
 import argparse
+import gc
 import faulthandler
 import json
 import mmap
@@ -707,6 +708,9 @@ class RingFuzzer:
         self.r0 = self.r1 = self.r2 = None
         self.w_r0 = self.w_r1 = None
         self.table = self.mem = None
+        # A view of guest memory can also be held by a garbage cycle (seen once in a full
+        # test run, order-dependent); the mappings can only be closed once it is collected.
+        gc.collect()
         self.memory.close()
         self.ram.close()
         if self._last is not None:
