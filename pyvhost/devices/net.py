@@ -29,7 +29,8 @@ from pyvhost.devices.net_ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_C
 from pyvhost.devices.net_rx import SINK_KINDS, Endpoints, NetIo
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol.constants import ProtocolFeature
-from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.direct_map import NO_VIEWS, RingViews
+from pyvhost.ring.jit import overload_entry
 from pyvhost.ring.layout import (VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
                                  VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
 from pyvhost.ring.split_queue import SplitQueue
@@ -113,6 +114,7 @@ class NetDevice(Device):
         self.counters = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}
+        self._drop_entry: dict[bool, Any] = {}  # compiled tx_drop_poll by views kind (_drop)
         # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
         self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
                         rx_backlog=rx_backlog, max_burst=max_burst)
@@ -171,10 +173,19 @@ class NetDevice(Device):
     def _drop(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
               counters: np.ndarray) -> tuple[int, bool]:
         s = self._scratch[queue.index]
-        done, notify = NK.tx_drop_poll(mem, queue.q, views, s.max_burst, ROUNDS_PER_CALL,
-                                       IDLE_POLLS_PER_CALL,
-                                       s.heads, s.chain_end, s.seg_addr, s.seg_len,
-                                       s.seg_flags, s.frame, counters)
+        args = (mem, queue.q, views, s.max_burst, ROUNDS_PER_CALL, IDLE_POLLS_PER_CALL,
+                s.heads, s.chain_end, s.seg_addr, s.seg_len, s.seg_flags, s.frame, counters)
+        # Every argument but the views has one type for good (arrays this object or the region
+        # table made); the views are either the copy path's NO_VIEWS or a direct map, whose
+        # arrays have NO_VIEWS's types too unless numba sees them differently (alignment):
+        # one cache entry for each, filled by a first call through numba's dispatcher.
+        key = views is NO_VIEWS
+        entry = self._drop_entry.get(key)
+        if entry is None:
+            done, notify = NK.tx_drop_poll(*args)
+            self._drop_entry[key] = overload_entry(NK.tx_drop_poll, args) or NK.tx_drop_poll
+        else:
+            done, notify = entry(*args)
         return max(int(done), 0), bool(notify)
 
     def stats(self) -> dict[str, Any]:
