@@ -708,6 +708,22 @@ def _ratio_cell(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}×"
 
 
+def _direction_rows(direction: str, sizes: Sequence[int], summary: dict, rat: dict,
+                    contenders: Sequence[str]) -> list[str]:
+    """One direction's table rows: a row per contender, then the two ratios."""
+    rows = []
+    for contender in TX_CONTENDERS:
+        if contender in contenders:
+            cells = summary.get(direction, {}).get(contender, {})
+            rows.append(f"| {ROW_LABELS[(direction, contender)]} | "
+                        + " | ".join(_cell(cells.get(str(n))) for n in sizes) + " |")
+    for label, key in (("after / before (direct / copy)", "direct/copy"),
+                       ("pyvhost direct / DPDK vhost PMD", "direct/dpdk")):
+        rows.append(f"| {label} | " + " | ".join(_ratio_cell(rat[key][str(n)])
+                                                   for n in sizes) + " |")
+    return rows
+
+
 def markdown(result: dict[str, Any]) -> str:
     sizes = result["settings"]["sizes"]
     summary, rat, m = result["summary"], result["ratios"], result["machine"]
@@ -726,30 +742,13 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         head, rule,
     ]
-    for contender in TX_CONTENDERS:
-        if contender not in s["contenders"]:
-            continue
-        row = summary.get("tx", {}).get(contender, {})
-        lines.append(f"| {ROW_LABELS[('tx', contender)]} | "
-                     + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
-    lines.append("| after / before (direct / copy) | "
-                 + " | ".join(_ratio_cell(rat["direct/copy"][str(n)]) for n in sizes) + " |")
-    lines.append("| pyvhost direct / DPDK vhost PMD | "
-                 + " | ".join(_ratio_cell(rat["direct/dpdk"][str(n)]) for n in sizes) + " |")
+    lines += _direction_rows("tx", sizes, summary, rat, s["contenders"])
     if s["rx"]:
         lines += ["", "**RX** (backend generates → testpmd virtio-user `rxonly`): Mpps the "
                   "backend delivered into the ring, median [min–max]", "", head, rule]
-        for contender in TX_CONTENDERS:
-            if contender not in s["contenders"]:
-                continue
-            row = summary.get("rx", {}).get(contender, {})
-            lines.append(f"| {ROW_LABELS[('rx', contender)]} | "
-                         + " | ".join(_cell(row.get(str(n))) for n in sizes) + " |")
-        rrat = result.get("rx_ratios") or ratios(summary, sizes, "rx")
-        lines.append("| after / before (direct / copy) | "
-                     + " | ".join(_ratio_cell(rrat["direct/copy"][str(n)]) for n in sizes) + " |")
-        lines.append("| pyvhost direct / DPDK vhost PMD | "
-                     + " | ".join(_ratio_cell(rrat["direct/dpdk"][str(n)]) for n in sizes) + " |")
+        lines += _direction_rows("rx", sizes, summary,
+                                 result.get("rx_ratios") or ratios(summary, sizes, "rx"),
+                                 s["contenders"])
     if s.get("loopback"):
         loop_sizes = s["loop_sizes"]
         lhead = "| backend | " + " | ".join(f"{n} B" for n in loop_sizes) + " |"
@@ -757,17 +756,9 @@ def markdown(result: dict[str, Any]) -> str:
                   " the backend sends every frame it receives back): Mpps the backend "
                   "delivered into virtio-user's RX ring, median [min–max]", "", lhead,
                   "|---|" + "---:|" * len(loop_sizes)]
-        for contender in TX_CONTENDERS:
-            if contender not in s["contenders"]:
-                continue
-            row = summary.get("loop", {}).get(contender, {})
-            lines.append(f"| {ROW_LABELS[('loop', contender)]} | "
-                         + " | ".join(_cell(row.get(str(n))) for n in loop_sizes) + " |")
-        lrat = result.get("loop_ratios") or ratios(summary, loop_sizes, "loop")
-        lines.append("| after / before (direct / copy) | " + " | ".join(
-            _ratio_cell(lrat["direct/copy"][str(n)]) for n in loop_sizes) + " |")
-        lines.append("| pyvhost direct / DPDK vhost PMD | " + " | ".join(
-            _ratio_cell(lrat["direct/dpdk"][str(n)]) for n in loop_sizes) + " |")
+        lines += _direction_rows("loop", loop_sizes, summary,
+                                 result.get("loop_ratios") or ratios(summary, loop_sizes, "loop"),
+                                 s["contenders"])
     text = "\n".join(lines)
     if "‡" in text:
         lines += ["", "‡ generator-bound: the backend took at least "
