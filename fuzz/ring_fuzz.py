@@ -34,8 +34,8 @@ queue's state array, so a run does tens of thousands of inputs per second per co
 from __future__ import annotations
 
 import argparse
-import gc
 import faulthandler
+import gc
 import json
 import mmap
 import os

@@ -593,26 +593,21 @@ def measure_loop_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) 
     sample.counts_match = 0 <= delivered - received <= RX_RING_SLACK
 
 
+_PYVHOST_MODES = {PYVHOST_COPY: "copy", PYVHOST_DIRECT: "direct"}  # --metadata-access
+_MEASURE_PYVHOST = {"tx": measure_tx_pyvhost, "rx": measure_rx_pyvhost,
+                    "loop": measure_loop_pyvhost}
+_MEASURE_DPDK = {"tx": measure_tx_dpdk, "rx": measure_rx_dpdk, "loop": measure_loop_dpdk}
+
+
 def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
     started = time.monotonic()
     sample.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     try:
-        if sample.direction == "tx" and sample.contender == PYVHOST_COPY:
-            measure_tx_pyvhost(settings, sample.packet_size, "copy", tmp, sample)
-        elif sample.direction == "tx" and sample.contender == PYVHOST_DIRECT:
-            measure_tx_pyvhost(settings, sample.packet_size, "direct", tmp, sample)
-        elif sample.direction == "tx" and sample.contender == DPDK_VHOST:
-            measure_tx_dpdk(settings, sample.packet_size, tmp, sample)
-        elif sample.direction == "rx" and sample.contender == DPDK_VHOST:
-            measure_rx_dpdk(settings, sample.packet_size, tmp, sample)
-        elif sample.direction == "rx" and sample.contender in (PYVHOST_COPY, PYVHOST_DIRECT):
-            mode = "copy" if sample.contender == PYVHOST_COPY else "direct"
-            measure_rx_pyvhost(settings, sample.packet_size, mode, tmp, sample)
-        elif sample.direction == "loop" and sample.contender in (PYVHOST_COPY, PYVHOST_DIRECT):
-            mode = "copy" if sample.contender == PYVHOST_COPY else "direct"
-            measure_loop_pyvhost(settings, sample.packet_size, mode, tmp, sample)
-        elif sample.direction == "loop" and sample.contender == DPDK_VHOST:
-            measure_loop_dpdk(settings, sample.packet_size, tmp, sample)
+        mode = _PYVHOST_MODES.get(sample.contender)
+        if mode is not None and sample.direction in _MEASURE_PYVHOST:
+            _MEASURE_PYVHOST[sample.direction](settings, sample.packet_size, mode, tmp, sample)
+        elif sample.contender == DPDK_VHOST and sample.direction in _MEASURE_DPDK:
+            _MEASURE_DPDK[sample.direction](settings, sample.packet_size, tmp, sample)
         else:
             raise ValueError(f"no measurement for {sample.direction} {sample.contender}")
     except (tb.TestbedError, OSError, ValueError, subprocess.SubprocessError) as exc:

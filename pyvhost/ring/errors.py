@@ -20,7 +20,7 @@ class RingErrorCode(IntEnum):
     READ_AFTER_WRITE = 11     # device-readable descriptor after a device-writable one
     USED_ID_OUT_OF_RANGE = 12 # the device itself pushed an id >= queue size (our bug)
     INDIRECT_NOT_NEGOTIATED = 13
-    RX_NOT_WRITABLE = 14      # with IN_ORDER: a receive buffer without a writable byte amid a frame's
+    RX_NOT_WRITABLE = 14      # IN_ORDER: an RX buffer with no writable byte amid a frame's buffers
 
 
 _MESSAGES = {
