@@ -418,8 +418,8 @@ def _check_burst(mem, q, n, before_avail, expect_used, maxc, heads, chain_end, s
 
 
 @njit(cache=True, nogil=True)
-def run_case(mem, q, views, cfg, heads, chain_end, seg_addr, seg_len, seg_flags, lens, frame,
-             counters, out):
+def run_case(mem, q, views, cfg, heads, chain_end, seg_addr, seg_len, seg_flags, lens, hosts,
+             frame, counters, out):
     """Run the configured kernels on one decoded input; fills out[] (oracle 1 inside)."""
     out[:] = 0
     counters[:] = 0
@@ -461,7 +461,7 @@ def run_case(mem, q, views, cfg, heads, chain_end, seg_addr, seg_len, seg_flags,
                     v = V_BAD_INDEX
         else:
             n = NK.tx_drop_burst(mem, q, views, maxc, heads, chain_end, seg_addr, seg_len,
-                                 seg_flags, frame, counters)
+                                 seg_flags, hosts, frame, counters)
             # The drop kernel completes (and publishes) every chain it pops.
             expect_used = (before_used + max(n, 0)) & 0xFFFF
             v = _check_burst(mem, q, n, before_avail, expect_used, maxc, heads, chain_end,
@@ -675,6 +675,7 @@ class RingFuzzer:
         self.seg_len = np.zeros(segs, np.int64)
         self.seg_flags = np.zeros(segs, np.int64)
         self.lens = np.zeros(burst, np.int64)
+        self.hosts = np.zeros(burst, np.int64)
         self.frame = np.zeros(NK.HEADER_BYTES, np.uint8)
         self.outs = {p: np.zeros(OUT_LEN, np.int64) for p in self.PATHS}
         self.counters = {p: np.zeros(NK.COUNTERS_LEN, np.int64) for p in self.PATHS}
@@ -763,7 +764,7 @@ class RingFuzzer:
             used[:] = 0
             violation = run_case(self.mem, queue.q, views, cfg, self.heads, self.chain_end,
                                  self.seg_addr, self.seg_len, self.seg_flags, self.lens,
-                                 self.frame, counters, out)
+                                 self.hosts, self.frame, counters, out)
             st = self.stats[path]
             st.execs += 1
             st.direct += bool(queue.q[K.Q_FLAGS] & K.F_DIRECT)

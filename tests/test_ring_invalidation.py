@@ -105,8 +105,8 @@ class BurstWorker(threading.Thread):
                 self.closed_seen += sum(r.closed for r in table.regions)
                 views = q.round_views(table)
                 done = NK.tx_drop_burst(table.kernel(), q.q, views, 32, q.heads, q.chain_end,
-                                        q.seg_addr, q.seg_len, q.seg_flags, self.scratch,
-                                        self.counters)
+                                        q.seg_addr, q.seg_len, q.seg_flags, q.hosts,
+                                        self.scratch, self.counters)
                 self.closed_seen += sum(r.closed for r in table.regions)
                 del table, views
                 self.epoch.leave()

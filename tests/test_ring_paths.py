@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 
 import numpy as np
@@ -9,7 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyvhost.devices import net_kernels as NK
+from pyvhost.memory import access
 from pyvhost.ring import kernels as K
+from pyvhost.ring.poll import one_pass_window
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue
@@ -104,9 +107,10 @@ def _drop_counters(mode: str, frames: list[bytes]) -> tuple[np.ndarray, list]:
         scratch = np.zeros(NK.HEADER_BYTES, np.uint8)
         table = memory.table
         views = queue.round_views(table)
-        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, 100, 0, queue.heads,
-                                  queue.chain_end, queue.seg_addr, queue.seg_len, queue.seg_flags,
-                                  scratch, counters)
+        window = one_pass_window()
+        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, window.cycles, window.idle,
+                                  window.leave, queue.heads, queue.chain_end, queue.seg_addr,
+                                  queue.seg_len, queue.seg_flags, queue.hosts, scratch, counters)
         assert done == len(frames)
         used = driver.used()
         memory.close()
@@ -199,3 +203,70 @@ def test_queue_state_survives_kernel_paths_switching_mid_stream():
         assert queue.stats.direct_rounds > 0 and queue.stats.copy_rounds > 0
         assert queue.next_avail == 100 and queue.q[K.Q_NEXT_USED] == 100
         memory.close()
+
+
+simple_or_not = st.sampled_from(["simple", "short", "split", "indirect", "writable"])
+
+
+def _pop_with_hosts(kinds: list[str], mode: str, burst: int, pop_hosts: bool):
+    """Offer chains of the given kinds; pop one burst with pop_burst_hosts or pop_burst."""
+    with GuestRam([(0, 2 * MiB), (4 * MiB, 2 * MiB)]) as ram:
+        driver = MockSplitQueue(ram, 64)
+        for i, kind in enumerate(kinds):
+            frame = bytes([i]) * 60
+            if kind == "simple":
+                driver.add_chain([frame], [])
+            elif kind == "short":
+                driver.add_chain([frame[:20]], [])
+            elif kind == "split":
+                driver.add_chain([frame[:12], frame[12:]], [])
+            elif kind == "indirect":
+                driver.add_indirect_chain([frame], [])
+            else:
+                driver.add_chain([], [64])
+        driver.publish()
+        memory = backend_memory(ram)
+        queue = device_queue(driver, memory, metadata_access=mode)
+        table = memory.table
+        views = queue.round_views(table)
+        q = queue
+        q.hosts[:] = -1
+        if pop_hosts:
+            n = K.pop_burst_hosts(table.kernel(), q.q, views, burst, 40, 12, q.heads, q.chain_end,
+                                  q.seg_addr, q.seg_len, q.seg_flags, q.hosts)
+        else:
+            n = K.pop_burst(table.kernel(), q.q, views, burst, q.heads, q.chain_end, q.seg_addr,
+                            q.seg_len, q.seg_flags)
+        segs = int(q.chain_end[n - 1]) if n > 0 else 0
+        popped = (n, q.heads[:n].tolist(), q.chain_end[:n].tolist(), q.seg_addr[:segs].tolist(),
+                  q.seg_len[:segs].tolist(), q.seg_flags[:segs].tolist(), q.next_avail)
+        hosts = q.hosts[:max(n, 0)].tolist() if pop_hosts else []
+        data = [ctypes.string_at(h, int(q.seg_len[k])) if h else None
+                for k, h in enumerate(hosts)]
+        expected = [access.read_gpa(table, int(q.seg_addr[k]), int(q.seg_len[k])) if h else None
+                    for k, h in enumerate(hosts)]
+        del views
+        queue.drop_views()
+        memory.close()
+        return popped, hosts, data, expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(simple_or_not, min_size=1, max_size=20), st.integers(1, 32))
+def test_fast_path_pops_what_the_general_path_pops(kinds, burst):
+    """pop_burst_hosts takes single readable buffers of 40+ bytes on the direct map without
+    pop_chain and gives their host addresses; the chains and segments are pop_burst's, on
+    both paths, and the host address points at the buffer's bytes."""
+    reference = _pop_with_hosts(kinds, "copy", burst, pop_hosts=False)[0]
+    for mode in ("direct", "copy"):
+        popped, hosts, data, expected = _pop_with_hosts(kinds, mode, burst, pop_hosts=True)
+        assert popped == reference, mode
+        n = popped[0]
+        simple_prefix = 0
+        while simple_prefix < n and kinds[simple_prefix] == "simple":
+            simple_prefix += 1
+        if mode == "copy":
+            assert hosts == [0] * n
+        else:
+            assert all(hosts[:simple_prefix]) and hosts[simple_prefix:] == [0] * (n - simple_prefix)
+            assert data == expected

@@ -62,7 +62,7 @@ class RingBench:
         done = 0
         while True:
             n = NK.tx_drop_burst(mem, q.q, views, self.burst, q.heads, q.chain_end, q.seg_addr,
-                                 q.seg_len, q.seg_flags, self.scratch, self.counters)
+                                 q.seg_len, q.seg_flags, q.hosts, self.scratch, self.counters)
             if n <= 0:
                 if n < 0:
                     raise RuntimeError(q.error_text())

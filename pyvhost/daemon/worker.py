@@ -11,9 +11,12 @@ epoch survives it (the round is a function; its locals die on return).
 Two modes:
 - busy-poll: kick notifications are switched off once per ring start (VRING_USED_F_NO_NOTIFY,
   or an avail_event left behind with EVENT_IDX) and the worker never sleeps while any of its
-  rings runs; a few passes in a row that found no work are followed by short spins in
-  compiled code with the GIL released, outside every epoch (`idle_spin`), so the protocol
-  thread can take the GIL;
+  rings runs; a device that polls in its kernels (`Device.polls_in_kernel`) keeps bursting and
+  polling its ring in compiled code for a `PollWindow` (100 us), leaving early when a writer
+  waits for a grace period (`WorkerEpoch.leave_request`), when the driver wants an interrupt,
+  or when `sync()`/`stop()` ask; a few passes in a row that found no work are followed by
+  short spins in compiled code with the GIL released, outside every epoch (`idle_spin`), so
+  the protocol thread can take the GIL;
 - interrupt-driven (default): while a ring has work, kicks stay off; when a round finds
   nothing, kicks are switched back on, and if the ring re-check shows new buffers it goes on
   (virtio 1.x 2.7.10), else the worker sleeps in poll() on the kick eventfds of its running
@@ -28,16 +31,10 @@ the ring set afresh), and only then closes the old fd.
 from __future__ import annotations
 
 import logging
-import platform
 import select
 import threading
 import time
 from typing import Callable, Sequence
-
-from llvmlite import ir
-from numba import types
-from numba.core import cgutils
-from numba.extending import intrinsic
 
 from pyvhost.daemon.eventfd import EventFd
 from pyvhost.daemon.vring import Vring
@@ -46,6 +43,7 @@ from pyvhost.memory.epoch import WorkerEpoch
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring import kernels as K
 from pyvhost.ring.jit import kernel
+from pyvhost.ring.poll import PollWindow, cpu_relax
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +57,10 @@ IDLE_PASSES_BEFORE_SPIN = 4
 IDLE_SPIN_S = 20e-6
 
 
-@intrinsic
-def _cpu_relax(typingctx):
-    """x86 `pause` (the spin-wait hint); a call LLVM cannot remove, unlike an empty loop."""
-    def codegen(context, builder, signature, args):
-        if platform.machine() in ("x86_64", "AMD64", "i686"):
-            fn = cgutils.get_or_insert_function(
-                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse2.pause")
-            builder.call(fn, [])
-        else:
-            builder.fence("seq_cst")
-        return context.get_dummy_value()
-    return types.void(), codegen
-
-
 @kernel
 def _spin(iterations):
     for _ in range(iterations):
-        _cpu_relax()
+        cpu_relax()
 
 
 _spin_per_s = 0.0
@@ -121,6 +105,9 @@ class Worker:
         self.sleeps = 0
         # Registered here, before any ring can start, so no grace period can miss this worker.
         self._epoch: WorkerEpoch = memory.epochs.register(name)
+        # Devices that poll in their kernels (Device.polls_in_kernel) keep going within this
+        # window and leave it when a writer raises the epoch's leave_request.
+        self._window = PollWindow(self._epoch.leave_request, idle=poll_mode)
         if poll_mode:
             idle_spin()  # load (or compile) and calibrate it now, not in the first idle pass
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -147,6 +134,7 @@ class Worker:
         with self._cond:
             self._gen += 1
             target = self._gen
+        self._epoch.leave_request[0] = 1  # out of a polling burst loop, if it is in one
         self._wake.signal()
         with self._cond:
             ok = self._cond.wait_for(
@@ -157,6 +145,7 @@ class Worker:
 
     def stop(self, timeout: float = 5.0) -> None:
         self._stop = True
+        self._epoch.leave_request[0] = 1
         self._wake.signal()
         if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
@@ -221,10 +210,11 @@ class Worker:
             if self.poll_mode and not vr.notify_off:
                 K.disable_notification(mem, queue.q, views)
                 vr.notify_off = True
-            if vr.process:
-                done, notify = self.device.process_burst(queue, table, mem, views)
+            burst = self.device.process_burst if vr.process else self.device.discard_burst
+            if self.device.polls_in_kernel:
+                done, notify = burst(queue, table, mem, views, window=self._window)
             else:
-                done, notify = self.device.discard_burst(queue, table, mem, views)
+                done, notify = burst(queue, table, mem, views)
             if queue.broken:
                 vr.running = False
             elif done > 0:

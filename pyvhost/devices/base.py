@@ -26,6 +26,12 @@ Contract of `process_burst(queue, table, mem, views) -> (done, notify)`:
   event-index state, so asking twice would lose interrupts); the worker signals the call fd.
 - Bad guest input breaks the queue (`queue.broken`); the daemon stops and reports it.
 
+A device whose compiled kernels can keep polling a ring sets `polls_in_kernel`; the worker
+then passes `window=` (a `ring.poll.PollWindow`) to process_burst and discard_burst, and the
+call may go on bursting, and polling an empty ring when the window says so, for the window's
+cycles, returning after any burst when `window.leave[0]` is set (a grace period waits) or the
+driver wants an interrupt. Called without a window, it drains what is there and returns.
+
 A ring that is started but disabled runs `discard_burst` instead, only if
 `runs_when_disabled(index)` says so (a net TX ring must consume and drop, vhost-user "Ring
 states"); by default a disabled ring is not touched at all.
@@ -59,6 +65,8 @@ class Device:
     num_queues: int = 1
     #: Largest queue size the device accepts (a power of two).
     max_queue_size: int = MAX_QUEUE_SIZE
+    #: process_burst/discard_burst take `window=` and may keep polling (see above).
+    polls_in_kernel: ClassVar[bool] = False
 
     def __init__(self) -> None:
         #: Virtio features the frontend acknowledged (SET_FEATURES), transport bits included.

@@ -33,6 +33,7 @@ from pyvhost.ring.direct_map import NO_VIEWS, RingViews
 from pyvhost.ring.jit import overload_entry
 from pyvhost.ring.layout import (VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1,
                                  VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC)
+from pyvhost.ring.poll import PollWindow, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue
 
 # Feature bits (5.1.3).
@@ -50,12 +51,6 @@ NET_HDR_SIZE = NK.VIRTIO_NET_HDR_LEN
 SINKS = SINK_KINDS  # "drop", "tap:NAME", "pcap:FILE" (net_rx.parse_endpoint)
 
 DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
-# Bursts one worker round may run on a TX ring before it moves on (bounds a grace period).
-ROUNDS_PER_CALL = 8
-# Empty-ring looks per call before handing back to the worker (~10 ns each). Bounded, so a
-# call stays "one burst" for the grace period. 0 until measured on a quiet machine: spinning
-# here makes bursts smaller (more used->idx publications and fences per packet).
-IDLE_POLLS_PER_CALL = 0
 
 
 class TxScratch:
@@ -65,6 +60,7 @@ class TxScratch:
         self.max_burst = max_burst
         self.heads = np.zeros(max_burst, dtype=np.int64)
         self.chain_end = np.zeros(max_burst, dtype=np.int64)
+        self.hosts = np.zeros(max_burst, dtype=np.int64)
         self.frame = np.zeros(NK.HEADER_BYTES, dtype=np.uint8)
         self.resize(1024)
 
@@ -88,6 +84,7 @@ class NetDevice(Device):
                        | (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_CTRL_RX)
                        | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR) | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE))
     protocol_features = ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask
+    polls_in_kernel = True  # the TX drop sink keeps polling (ring/poll.py)
 
     def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
                  max_burst: int = 256, *, mtu: int | None = None, source: str | None = None,
@@ -115,6 +112,7 @@ class NetDevice(Device):
         self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}
         self._drop_entry: dict[bool, Any] = {}  # compiled tx_drop_poll by views kind (_drop)
+        self._one_pass = one_pass_window()  # bursts outside a worker: drain, then return
         # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
         self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
                         rx_backlog=rx_backlog, max_burst=max_burst)
@@ -151,7 +149,7 @@ class NetDevice(Device):
         self.io.on_queue_started(queue)
 
     def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
-                      views: RingViews) -> tuple[int, bool]:
+                      views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
         if queue.index == self.ctrl_index:
             return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
@@ -159,22 +157,23 @@ class NetDevice(Device):
             return self.io.process_rx(queue, mem, views, mergeable)
         if self.io.gathers_tx:
             return self.io.process_tx(queue, mem, views, self.counters[queue.index])
-        return self._drop(queue, mem, views, self.counters[queue.index])
+        return self._drop(queue, mem, views, self.counters[queue.index], window)
 
     def runs_when_disabled(self, index: int) -> bool:
         return self.is_tx(index)  # a disabled TX ring still consumes and drops (Ring states)
 
     def discard_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
-                      views: RingViews) -> tuple[int, bool]:
+                      views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
         if not self.is_tx(queue.index):
             return 0, False
-        return self._drop(queue, mem, views, self.discarded[queue.index])
+        return self._drop(queue, mem, views, self.discarded[queue.index], window)
 
     def _drop(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-              counters: np.ndarray) -> tuple[int, bool]:
+              counters: np.ndarray, window: PollWindow | None) -> tuple[int, bool]:
         s = self._scratch[queue.index]
-        args = (mem, queue.q, views, s.max_burst, ROUNDS_PER_CALL, IDLE_POLLS_PER_CALL,
-                s.heads, s.chain_end, s.seg_addr, s.seg_len, s.seg_flags, s.frame, counters)
+        w = window or self._one_pass
+        args = (mem, queue.q, views, s.max_burst, w.cycles, w.idle, w.leave, s.heads,
+                s.chain_end, s.seg_addr, s.seg_len, s.seg_flags, s.hosts, s.frame, counters)
         # Every argument but the views has one type for good (arrays this object or the region
         # table made); the views are either the copy path's NO_VIEWS or a direct map, whose
         # arrays have NO_VIEWS's types too unless numba sees them differently (alignment):

@@ -3,8 +3,8 @@
 `tx_drop_poll` pops bursts of TX chains, reads each frame's Ethernet and IP headers through the
 region table (buffers are guest-physical), counts them per IP protocol, completes them with used
 length 0 (nothing was written), publishes the used index once per burst and decides on the
-interrupt — all without the GIL. It runs at most `max_rounds` bursts per call so that one call
-is "one burst" for the grace-period bound.
+interrupt — all without the GIL. A call goes on bursting (and polling, for a busy-polling
+worker) for a bounded time, and leaves after the current burst when its worker is asked to.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 from pyvhost.ring import kernels as K
 from pyvhost.ring.hostmem import load_u8, prefetch
 from pyvhost.ring.jit import inlined_kernel, kernel
+from pyvhost.ring.poll import asked_to_leave, cpu_relax, read_cycles
 
 # Counter slots.
 C_PACKETS = 0
@@ -31,6 +32,9 @@ COUNTERS_LEN = 16
 
 VIRTIO_NET_HDR_LEN = 12  # virtio 1.x: struct virtio_net_hdr with num_buffers (5.1.6)
 HEADER_BYTES = 64        # enough for virtio-net header + Ethernet + IPv4/IPv6 protocol field
+# A first buffer this long holds every header classify_in_place reads (up to the IPv4
+# protocol byte behind a VLAN tag), so the frame is classified where it lies.
+IN_PLACE_MIN = VIRTIO_NET_HDR_LEN + 18 + 10
 
 ETH_P_IP = 0x0800
 ETH_P_IPV6 = 0x86DD
@@ -114,7 +118,7 @@ def classify_in_place(host, n, counters):
 @inlined_kernel
 def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters):
     first = seg_len[start] if seg_flags[start] == 0 else 0
-    if first >= VIRTIO_NET_HDR_LEN + 18 + 10:  # headers up to the IPv4 protocol, VLAN or not
+    if first >= IN_PLACE_MIN:
         host, left = K.host_span(mem, K.SPACE_GPA, seg_addr[start])
         if left >= first:
             classify_in_place(host + VIRTIO_NET_HDR_LEN, first - VIRTIO_NET_HDR_LEN, counters)
@@ -127,13 +131,14 @@ def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, count
 
 
 @kernel
-def prefetch_headers(mem, seg_addr, seg_flags, chain_end, n):
-    """Start loading the first cache line of every popped frame. The driver's core has just
-    written them, so each is a cache miss; issued together they overlap instead of stalling
-    the classification of each frame in turn (what DPDK's rte_prefetch0 does in its bursts)."""
+def prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n):
+    """Start loading the first cache line of every popped frame the fast path did not already
+    (hosts[k] == 0). The driver's core has just written them, so each is a cache miss; issued
+    together they overlap instead of stalling the classification of each frame in turn (what
+    DPDK's rte_prefetch0 does in its bursts)."""
     start = 0
     for k in range(n):
-        if seg_flags[start] == 0:
+        if hosts[k] == 0 and seg_flags[start] == 0:
             host, left = K.host_span(mem, K.SPACE_GPA, seg_addr[start])
             if left > VIRTIO_NET_HDR_LEN:
                 prefetch(host + VIRTIO_NET_HDR_LEN)
@@ -142,25 +147,37 @@ def prefetch_headers(mem, seg_addr, seg_flags, chain_end, n):
 
 @kernel
 def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags,
-                  scratch, counters):
-    """One burst: pop, classify, complete. Returns chains done (-1: queue broken)."""
-    n = K.pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags)
+                  hosts, scratch, counters):
+    """One burst: pop, classify, complete, publish. Returns chains done (-1: queue broken).
+
+    Frames whose first buffer holds all their headers and that the direct map's fast path
+    popped (hosts[k] != 0: DPDK's virtio PMD, Linux with small frames) are classified where
+    they lie; any other chain is read through the region table.
+    """
+    n = K.pop_burst_hosts(mem, q, views, max_chains, IN_PLACE_MIN, VIRTIO_NET_HDR_LEN, heads,
+                          chain_end, seg_addr, seg_len, seg_flags, hosts)
     if n <= 0:
         return n
-    prefetch_headers(mem, seg_addr, seg_flags, chain_end, n)
+    if hosts[n - 1] == 0:  # some chains took the general path
+        prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n)
     start = 0
     for k in range(n):
         end = chain_end[k]
-        total = 0
-        for j in range(start, end):
-            if seg_flags[j] == 0:
-                total += seg_len[j]
-        classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters)
-        counters[C_PACKETS] += 1
-        counters[C_BYTES] += max(total - VIRTIO_NET_HDR_LEN, 0)
+        if hosts[k] != 0:  # one readable buffer of IN_PLACE_MIN bytes or more
+            length = seg_len[start] - VIRTIO_NET_HDR_LEN
+            classify_in_place(hosts[k] + VIRTIO_NET_HDR_LEN, length, counters)
+            counters[C_BYTES] += length
+        else:
+            total = 0
+            for j in range(start, end):
+                if seg_flags[j] == 0:
+                    total += seg_len[j]
+            classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, counters)
+            counters[C_BYTES] += max(total - VIRTIO_NET_HDR_LEN, 0)
         if not K.add_used(mem, q, views, heads[k], 0):
             return -1
         start = end
+    counters[C_PACKETS] += n
     if not K.publish_used(mem, q, views):
         return -1
     if K.needs_interrupt(mem, q, views):
@@ -169,28 +186,30 @@ def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len
 
 
 @kernel
-def tx_drop_poll(mem, q, views, max_chains, max_rounds, idle_polls, heads, chain_end, seg_addr,
-                 seg_len, seg_flags, scratch, counters):
-    """Up to max_rounds working bursts, looking at an empty ring up to idle_polls times in all.
+def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_poll, leave, heads, chain_end,
+                 seg_addr, seg_len, seg_flags, hosts, scratch, counters):
+    """Bursts until the ring is empty (idle_poll False) or for max_cycles (`ring/poll.py`).
 
-    Returning to Python costs microseconds per round, so a busy-polling worker keeps polling
-    here, without the GIL, while the driver catches up. Both budgets bound one call, and so the
-    grace period a memory change waits for. Returns (chains done, interrupt?).
+    Returning to Python costs microseconds per call, so a busy-polling worker keeps polling
+    here, without the GIL, while the driver catches up. It leaves after the burst in which the
+    driver asked for an interrupt or `leave` was set (a writer waits: one burst at most).
+    Returns (chains done, interrupt?); chains done -1: the queue broke.
     """
     done = 0
-    rounds = 0
-    idle = 0
     notify_before = counters[C_NOTIFY]
-    while rounds < max_rounds:
+    start = read_cycles()
+    while True:
         n = tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len,
-                          seg_flags, scratch, counters)
+                          seg_flags, hosts, scratch, counters)
         if n < 0:
             return -1, False
-        if n == 0:
-            idle += 1
-            if idle > idle_polls:
-                break
-            continue
         done += n
-        rounds += 1
+        if counters[C_NOTIFY] != notify_before or asked_to_leave(leave):
+            break
+        if n == 0:
+            if not idle_poll:
+                break
+            cpu_relax()
+        if read_cycles() - start >= max_cycles:
+            break
     return done, counters[C_NOTIFY] != notify_before

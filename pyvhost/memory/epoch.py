@@ -6,10 +6,14 @@ no lock, no atomic instruction needed under the GIL (the burst itself runs in no
 but enter/leave happen in Python). A worker loads the memory table *after* `enter()`.
 
 A writer first publishes the new table, then calls `synchronize()`: it samples every worker's
-sequence number and waits until each worker that was inside a burst (odd) has moved on. Bursts
-that began after the publish already see the new table, so when `synchronize()` returns nobody
-can still be reading through the old one. The wait is bounded by one burst; the writer never
-blocks on anything else, and there is no start/end counter pair that could drift apart.
+sequence number, raises the `leave_request` flag of each worker inside a burst (odd), and waits
+until each has moved on. A compiled burst loop that keeps polling its ring (`ring/poll.py`)
+reads the flag after every burst and returns; the worker lowers it as it enters (before the
+sequence turns odd, so a writer that saw it inside cannot have its request lowered unseen).
+Bursts that began after the publish already see the new table, so when `synchronize()`
+returns nobody can still be reading through the old one. The wait is bounded by one burst; the
+writer never blocks on anything else, and there is no start/end counter pair that could drift
+apart.
 """
 
 from __future__ import annotations
@@ -18,15 +22,20 @@ import threading
 import time
 import weakref
 
+import numpy as np
+
 
 class WorkerEpoch:
-    __slots__ = ("seq", "name", "__weakref__")
+    __slots__ = ("seq", "name", "leave_request", "__weakref__")
 
     def __init__(self, name: str) -> None:
         self.seq = 0
         self.name = name
+        #: Nonzero: a writer waits; leave the burst loop after this burst (compiled code reads it).
+        self.leave_request = np.zeros(1, dtype=np.int64)
 
     def enter(self) -> None:
+        self.leave_request[0] = 0
         self.seq += 1
 
     def leave(self) -> None:
@@ -63,6 +72,8 @@ class EpochDomain:
         start = time.perf_counter()
         with self._lock:
             inside = [(w, w.seq) for w in self._workers if w.seq & 1]
+        for worker, _ in inside:
+            worker.leave_request[0] = 1
         delay = 0.0
         for worker, seq in inside:
             while worker.seq == seq:

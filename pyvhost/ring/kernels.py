@@ -26,7 +26,8 @@ import numpy as np
 
 from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
-from pyvhost.ring.hostmem import load_u8, load_u16, load_u32, store_u8, store_u16, store_u32
+from pyvhost.ring.hostmem import (load_u8, load_u16, load_u32, prefetch, store_u8, store_u16,
+                                  store_u32)
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
@@ -440,9 +441,39 @@ def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
     n = avail_count(mem, q, views)
     if n < 0:
         return -1
-    n = min(n, max_chains, heads.shape[0])
-    pos = 0
-    for k in range(n):
+    return pop_chains(mem, q, views, min(n, max_chains), 0, heads, chain_end, seg_addr, seg_len,
+                      seg_flags)
+
+
+@kernel
+def pop_burst_hosts(mem, q, views, max_chains, min_len, first_read, heads, chain_end, seg_addr,
+                    seg_len, seg_flags, hosts):
+    """pop_burst, and the host address of every chain the direct map's fast path took
+    (`pop_simple_direct`: one readable buffer of min_len bytes or more) in hosts[k], else 0.
+    The chains and segments are the same as pop_burst's on either path."""
+    if q[Q_ERROR] != 0:
+        return -1
+    n = avail_count(mem, q, views)
+    if n < 0:
+        return -1
+    n = min(n, max_chains, hosts.shape[0])
+    done = 0
+    if q[Q_FLAGS] & F_DIRECT:
+        done = pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end,
+                                 seg_addr, seg_len, seg_flags, hosts)
+    popped = pop_chains(mem, q, views, n, done, heads, chain_end, seg_addr, seg_len, seg_flags)
+    if popped > done:
+        hosts[done:popped] = 0
+    return popped
+
+
+@inlined_kernel
+def pop_chains(mem, q, views, n, k, heads, chain_end, seg_addr, seg_len, seg_flags):
+    """Pop chains k .. n-1 of a burst (0 .. k-1 are popped; their segments end at
+    chain_end[k-1]). n <= avail_count(). Returns the chains popped in all, or -1 (broken)."""
+    n = min(n, heads.shape[0], chain_end.shape[0])
+    pos = chain_end[k - 1] if k > 0 else 0
+    while k < n:
         head, pos2, _ = pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
         if head == -1:
             return -1
@@ -454,7 +485,74 @@ def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
         heads[k] = head
         chain_end[k] = pos2
         pos = pos2
-    return n
+        k += 1
+    return k
+
+
+@inlined_kernel
+def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, seg_addr,
+                      seg_len, seg_flags, hosts):
+    """The direct map's fast path: pop up to n chains that are each one device-readable
+    descriptor of min_len bytes or more inside one region, recording them as pop_chain does
+    plus the buffer's host address, and start loading the cache line at offset first_read
+    (< min_len) of it: the driver's core has just written it, and a burst's misses overlap
+    instead of adding up.
+
+    It stops, consuming nothing more, at the first chain that is anything else — more than one
+    descriptor, writable, indirect, short, unmapped, a head out of range — which the caller
+    then pops with pop_chain, whose checks report whatever is wrong with it: both paths accept
+    exactly the same chains. The caller has F_DIRECT set and n <= avail_count() (after its
+    acquire fence). Returns the number popped; q's next_avail and chain count follow.
+    """
+    desc = views[0]
+    avail = views[1]
+    gpa_start = mem[KM_GPA_START]
+    region_size = mem[KM_SIZE]
+    region_host = mem[KM_HOST]
+    n = min(n, heads.shape[0], chain_end.shape[0], seg_addr.shape[0], seg_len.shape[0],
+            seg_flags.shape[0], hosts.shape[0])
+    if gpa_start.shape[0] == 0:
+        return 0
+    size = q[Q_SIZE]
+    next_avail = q[Q_NEXT_AVAIL]
+    r = 0  # the region of the last buffer: consecutive buffers mostly share one
+    k = 0
+    while k < n:
+        head = np.int64(avail[2 + (next_avail & (size - 1))])
+        if head >= size:
+            break
+        word = desc[2 * head + 1]  # len | flags << 32 | next << 48
+        if (word >> np.uint64(32)) & np.uint64(0xFFFF) != 0:  # NEXT, WRITE or INDIRECT
+            break
+        raw = desc[2 * head]
+        if raw > np.uint64(ADDR_MAX):
+            break
+        addr = np.int64(raw)
+        length = np.int64(word & np.uint64(0xFFFFFFFF))
+        if length < min_len:
+            break
+        off = addr - gpa_start[r]
+        if off < 0 or off >= region_size[r] or length > region_size[r] - off:
+            r2 = region_index(mem, SPACE_GPA, addr)
+            if r2 < 0:
+                break
+            off = addr - gpa_start[r2]
+            if length > region_size[r2] - off:
+                break
+            r = r2
+        host = region_host[r] + off
+        prefetch(host + first_read)
+        heads[k] = head
+        chain_end[k] = k + 1
+        seg_addr[k] = addr
+        seg_len[k] = length
+        seg_flags[k] = 0
+        hosts[k] = host
+        next_avail = (next_avail + 1) & 0xFFFF
+        k += 1
+    q[Q_NEXT_AVAIL] = next_avail
+    q[Q_CHAINS] += k
+    return k
 
 
 @inlined_kernel

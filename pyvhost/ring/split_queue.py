@@ -98,6 +98,7 @@ class SplitQueue:
         self.heads = np.zeros(burst, dtype=np.int64)
         self.chain_end = np.zeros(burst, dtype=np.int64)
         self.lens = np.zeros(burst, dtype=np.int64)
+        self.hosts = np.zeros(burst, dtype=np.int64)  # pop_burst_hosts
         segs = burst * 4 + max(self.size, 1024)
         self.seg_addr = np.zeros(segs, dtype=np.int64)
         self.seg_len = np.zeros(segs, dtype=np.int64)

@@ -1,0 +1,175 @@
+"""A device kernel given a PollWindow keeps bursting and polling its ring in compiled code
+(ring/poll.py), and still leaves within one burst when its worker is asked to: by a writer's
+grace period (EpochDomain.synchronize), by sync() and by stop(). Checked with windows far
+longer than any test waits, so only the leave request can end them."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+
+from pyvhost.daemon import worker as W
+from pyvhost.daemon.vring import Vring
+from pyvhost.devices.net import NetDevice
+from pyvhost.memory.epoch import EpochDomain
+from pyvhost.ring.poll import PollWindow, cycles_per_second, one_pass_window
+from pyvhost.testing.driver import MockSplitQueue
+from pyvhost.testing.guest_ram import GuestRam
+from pyvhost.testing.pairing import backend_memory, device_queue
+
+UDP_FRAME = (b"\0" * 12 + b"\x52\x54\x00\x00\x00\x02" + b"\x52\x54\x00\x00\x00\x01" + b"\x08\x00"
+             + bytes([0x45] + [0] * 8 + [17]) + b"\0" * 30)
+LONG = 3600.0  # a window no test could wait out
+
+
+def _tx_ring(ram, memory, size=256):
+    driver = MockSplitQueue(ram, size)
+    queue = device_queue(driver, memory, index=1)
+    return driver, queue
+
+
+def test_cycle_counter_rate_is_plausible():
+    assert 1e8 < cycles_per_second() < 1e10
+
+
+def test_one_pass_window_drains_and_returns():
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        driver, queue = _tx_ring(ram, memory)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        driver.add_chains_and_publish([([UDP_FRAME], [])] * 100)
+        table = memory.table
+        done, _ = dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
+                                    window=one_pass_window())
+        assert done == 100 and dev.stats()["tx_udp"] == 100
+        queue.drop_views()
+        memory.close()
+
+
+def test_polling_kernel_consumes_what_arrives_and_leaves_when_asked():
+    """A kernel polling an empty ring (window of an hour) takes chains the driver adds while
+    it polls, and returns soon after another thread raises leave_request. (The driver wants no
+    interrupts: one would end the loop too, so that the worker can signal it.)"""
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        driver, queue = _tx_ring(ram, memory)
+        driver.set_no_interrupt(True)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        leave = np.zeros(1, dtype=np.int64)
+        window = PollWindow(leave, idle=True, seconds=LONG)
+        table = memory.table
+        views = queue.round_views(table)
+        result: list[tuple[int, bool]] = []
+        t = threading.Thread(target=lambda: result.append(
+            dev.process_burst(queue, table, table.kernel(), views, window=window)))
+        t.start()
+        try:
+            time.sleep(0.05)
+            assert t.is_alive()  # still polling the empty ring
+            driver.add_chains_and_publish([([UDP_FRAME], [])] * 50)
+            deadline = time.monotonic() + 10
+            while dev.stats()["tx_packets"] < 50 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert dev.stats()["tx_packets"] == 50 and t.is_alive()
+        finally:
+            leave[0] = 1
+            t.join(10)
+        assert not t.is_alive() and result == [(50, False)]
+        assert driver.used_idx() == 50
+        del views
+        queue.drop_views()
+        memory.close()
+
+
+def test_interrupt_request_ends_a_polling_burst_loop():
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        driver, queue = _tx_ring(ram, memory)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        driver.add_chains_and_publish([([UDP_FRAME], [])] * 10)
+        window = PollWindow(np.zeros(1, dtype=np.int64), idle=True, seconds=LONG)
+        table = memory.table
+        assert dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
+                                 window=window) == (10, True)
+        queue.drop_views()
+        memory.close()
+
+
+def test_grace_period_ends_a_polling_burst_loop():
+    """synchronize() raises the flag of a worker inside its epoch and waits for it to leave."""
+    domain = EpochDomain()
+    epoch = domain.register("w")
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        _, queue = _tx_ring(ram, memory)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        window = PollWindow(epoch.leave_request, idle=True, seconds=LONG)
+        table = memory.table
+        views = queue.round_views(table)
+        entered = threading.Event()
+
+        def worker() -> None:
+            epoch.enter()
+            entered.set()
+            try:
+                dev.process_burst(queue, table, table.kernel(), views, window=window)
+            finally:
+                epoch.leave()
+
+        t = threading.Thread(target=worker)
+        t.start()
+        entered.wait(10)
+        time.sleep(0.02)
+        waited = domain.synchronize(timeout=10)
+        t.join(10)
+        assert not t.is_alive() and not epoch.inside and waited < 10
+        assert epoch.leave_request[0] == 1  # lowered only by the next enter()
+        epoch.enter()
+        assert epoch.leave_request[0] == 0
+        epoch.leave()
+        del views
+        queue.drop_views()
+        memory.close()
+
+
+def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
+    """A busy-polling worker whose device polls in its kernel: frames are consumed, a grace
+    period completes, sync() comes round and stop() returns, each well inside the window."""
+    monkeypatch.setattr(W, "PollWindow", lambda leave, idle: PollWindow(leave, idle=idle,
+                                                                         seconds=LONG))
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        driver, queue = _tx_ring(ram, memory)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        vr = Vring(1, queue)
+        vr.running = vr.process = True
+        worker = W.Worker("w", memory, dev, [vr], poll_mode=True, on_broken=lambda v: None)
+        worker.start()
+        try:
+            driver.add_chains_and_publish([([UDP_FRAME], [])] * 64)
+            deadline = time.monotonic() + 10
+            while dev.stats()["tx_packets"] < 64 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert dev.stats()["tx_packets"] == 64
+            assert memory.epochs.synchronize(timeout=10) < 10
+            assert worker.sync(timeout=10)
+            driver.add_chains_and_publish([([UDP_FRAME], [])] * 64)
+            deadline = time.monotonic() + 10
+            while dev.stats()["tx_packets"] < 128 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            assert dev.stats()["tx_packets"] == 128  # it went back to polling
+        finally:
+            vr.running = False
+            t0 = time.monotonic()
+            worker.stop(timeout=10)
+            stopped_in = time.monotonic() - t0
+            queue.drop_views()
+            memory.close()
+        assert not worker.alive and stopped_in < 10
