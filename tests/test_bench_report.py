@@ -106,7 +106,9 @@ def test_summary_ratios_and_table(tmp_path):
                                           "limited_by": {"backend": 2}}
     assert result["ratios"]["direct/copy"]["1518"] == 2.0
     assert result["ratios"]["direct/dpdk"]["1518"] == 0.5
+    assert result["ratios"]["direct/dpdk best"]["1518"] == 11.0 / 22.0  # the best runs
     text = V.markdown(result)
+    assert "| pyvhost direct / DPDK vhost PMD, best runs | 0.50× | 0.50× |" in text
     assert "| after: pyvhost `--metadata-access direct` | 10.50 [10.00–11.00] |" in text
     assert "| after / before (direct / copy) | " in text and "2.00×" in text
     assert "| after: pyvhost `--metadata-access direct --source gen:SIZE` | 10.50" in text
