@@ -173,3 +173,57 @@ def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatc
             queue.drop_views()
             memory.close()
         assert not worker.alive and stopped_in < 10
+
+
+class _WindowSpy(NetDevice):
+    """Records the window each call got; ring 0 reports work while `busy_rx` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.busy_rx = True
+        self.calls: list[tuple[int, bool]] = []
+
+    def process_burst(self, queue, table, mem, views, window=None):
+        self.calls.append((queue.index, window.idle))
+        time.sleep(0.0002)
+        return (1 if queue.index == 0 and self.busy_rx else 0), False
+
+
+def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
+    """A busy RX ring beside an idle TX ring: the TX ring's window ends at the first empty
+    look (else each pass would hold the RX ring up for a whole window); once the RX ring is
+    idle too, the TX ring may poll on."""
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        dev = _WindowSpy()
+        vrings = []
+        for index in (0, 1):
+            queue = device_queue(MockSplitQueue(ram, 8), memory, index=index)
+            vr = Vring(index, queue)
+            vr.running = vr.process = True
+            vrings.append(vr)
+        worker = W.Worker("w", memory, dev, vrings, poll_mode=True, on_broken=lambda v: None)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(dev.calls) < 40 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            busy_phase = list(dev.calls)
+            dev.busy_rx = False
+            time.sleep(0.05)
+            n = len(dev.calls)
+            deadline = time.monotonic() + 10
+            while len(dev.calls) < n + 40 and time.monotonic() < deadline:
+                time.sleep(0.001)
+            idle_phase = dev.calls[n:]
+        finally:
+            for vr in vrings:
+                vr.running = False
+            worker.stop()
+            for vr in vrings:
+                vr.queue.drop_views()
+            memory.close()
+    tx_busy = [idle for index, idle in busy_phase[2:] if index == 1]
+    tx_idle = [idle for index, idle in idle_phase if index == 1]
+    assert tx_busy and not any(tx_busy)
+    assert tx_idle and all(tx_idle)

@@ -12,7 +12,8 @@ Two modes:
 - busy-poll: kick notifications are switched off once per ring start (VRING_USED_F_NO_NOTIFY,
   or an avail_event left behind with EVENT_IDX) and the worker never sleeps while any of its
   rings runs; a device that polls in its kernels (`Device.polls_in_kernel`) keeps bursting and
-  polling its ring in compiled code for a `PollWindow` (100 us), leaving early when a writer
+  polling its ring in compiled code for a `PollWindow` (100 us; polling an empty ring only
+  while no other ring of the worker had work in the last pass), leaving early when a writer
   waits for a grace period (`WorkerEpoch.leave_request`), when the driver wants an interrupt,
   or when `sync()`/`stop()` ask; a few passes in a row that found no work are followed by
   short spins in compiled code with the GIL released, outside every epoch (`idle_spin`), so
@@ -108,6 +109,7 @@ class Worker:
         # Devices that poll in their kernels (Device.polls_in_kernel) keep going within this
         # window and leave it when a writer raises the epoch's leave_request.
         self._window = PollWindow(self._epoch.leave_request, idle=poll_mode)
+        self._drain_window = PollWindow(self._epoch.leave_request, idle=False)
         if poll_mode:
             idle_spin()  # load (or compile) and calibrate it now, not in the first idle pass
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -163,14 +165,22 @@ class Worker:
 
     def _run(self) -> None:
         idle_passes = 0
+        # Rings that had work in the last pass. A ring may poll on while empty (its device
+        # keeping polling in its kernel) only when no other ring of this worker had work:
+        # otherwise an idle TX ring would hold up a busy RX ring for a whole window each pass.
+        worked: set[int] = set()
         try:
             while not self._stop:
                 self._ack()
                 busy = running = False
+                last, worked = worked, set()
                 for vr in self.vrings:
                     if vr.running:
                         running = True
-                        busy |= self._round(vr)
+                        alone = not last or last == {vr.index}
+                        if self._round(vr, self._window if alone else self._drain_window):
+                            busy = True
+                            worked.add(vr.index)
                 if busy:
                     idle_passes = 0
                     continue
@@ -195,8 +205,9 @@ class Worker:
                 self._seen = self._gen
                 self._cond.notify_all()
 
-    def _round(self, vr: Vring) -> bool:
-        """One burst on one ring; True if it did work or more is pending."""
+    def _round(self, vr: Vring, window: PollWindow) -> bool:
+        """One burst on one ring (more while `window` lets the device go on polling); True if
+        it did work or more is pending."""
         epoch = self._epoch
         epoch.enter()
         try:
@@ -212,7 +223,7 @@ class Worker:
                 vr.notify_off = True
             burst = self.device.process_burst if vr.process else self.device.discard_burst
             if self.device.polls_in_kernel:
-                done, notify = burst(queue, table, mem, views, window=self._window)
+                done, notify = burst(queue, table, mem, views, window=window)
             else:
                 done, notify = burst(queue, table, mem, views)
             if queue.broken:
