@@ -108,9 +108,10 @@ def _drop_counters(mode: str, frames: list[bytes]) -> tuple[np.ndarray, list]:
         table = memory.table
         views = queue.round_views(table)
         window = one_pass_window()
-        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, window.cycles, window.idle,
-                                  window.leave, queue.heads, queue.chain_end, queue.seg_addr,
-                                  queue.seg_len, queue.seg_flags, queue.hosts, scratch, counters)
+        done, _ = NK.tx_drop_poll(table.kernel(), queue.q, views, 32, window.cycles,
+                                  window.idle_cycles, window.leave, queue.heads, queue.chain_end,
+                                  queue.seg_addr, queue.seg_len, queue.seg_flags, queue.hosts,
+                                  scratch, counters)
         assert done == len(frames)
         used = driver.used()
         memory.close()

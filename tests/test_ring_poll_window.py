@@ -24,6 +24,25 @@ UDP_FRAME = (b"\0" * 12 + b"\x52\x54\x00\x00\x00\x02" + b"\x52\x54\x00\x00\x00\x
 LONG = 3600.0  # a window no test could wait out
 
 
+def test_an_empty_ring_is_polled_for_the_idle_budget_then_left():
+    """With the default budgets a call on an empty ring polls ~IDLE_POLL_S, not the window."""
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        _, queue = _tx_ring(ram, memory)
+        dev = NetDevice()
+        dev.on_queue_started(queue)
+        window = PollWindow(np.zeros(1, dtype=np.int64), idle=True, seconds=LONG)
+        assert 0 < window.idle_cycles < window.cycles
+        table = memory.table
+        dev.process_burst(queue, table, table.kernel(), queue.round_views(table))  # compiled
+        t0 = time.monotonic()
+        assert dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
+                                 window=window) == (0, False)
+        assert time.monotonic() - t0 < 10
+        queue.drop_views()
+        memory.close()
+
+
 def _tx_ring(ram, memory, size=256):
     driver = MockSplitQueue(ram, size)
     queue = device_queue(driver, memory, index=1)
@@ -60,7 +79,7 @@ def test_polling_kernel_consumes_what_arrives_and_leaves_when_asked():
         dev = NetDevice()
         dev.on_queue_started(queue)
         leave = np.zeros(1, dtype=np.int64)
-        window = PollWindow(leave, idle=True, seconds=LONG)
+        window = PollWindow(leave, idle=True, seconds=LONG, idle_seconds=LONG)
         table = memory.table
         views = queue.round_views(table)
         result: list[tuple[int, bool]] = []
@@ -109,7 +128,8 @@ def test_grace_period_ends_a_polling_burst_loop():
         _, queue = _tx_ring(ram, memory)
         dev = NetDevice()
         dev.on_queue_started(queue)
-        window = PollWindow(epoch.leave_request, idle=True, seconds=LONG)
+        window = PollWindow(epoch.leave_request, idle=True, seconds=LONG,
+                            idle_seconds=LONG)
         table = memory.table
         views = queue.round_views(table)
         entered = threading.Event()
@@ -141,8 +161,8 @@ def test_grace_period_ends_a_polling_burst_loop():
 def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
     """A busy-polling worker whose device polls in its kernel: frames are consumed, a grace
     period completes, sync() comes round and stop() returns, each well inside the window."""
-    monkeypatch.setattr(W, "PollWindow", lambda leave, idle: PollWindow(leave, idle=idle,
-                                                                         seconds=LONG))
+    monkeypatch.setattr(W, "PollWindow", lambda leave, idle: PollWindow(
+        leave, idle=idle, seconds=LONG, idle_seconds=LONG))
     with GuestRam([(0, 1 << 20)]) as ram:
         memory = backend_memory(ram)
         driver, queue = _tx_ring(ram, memory)

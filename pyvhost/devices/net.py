@@ -172,7 +172,7 @@ class NetDevice(Device):
               counters: np.ndarray, window: PollWindow | None) -> tuple[int, bool]:
         s = self._scratch[queue.index]
         w = window or self._one_pass
-        args = (mem, queue.q, views, s.max_burst, w.cycles, w.idle, w.leave, s.heads,
+        args = (mem, queue.q, views, s.max_burst, w.cycles, w.idle_cycles, w.leave, s.heads,
                 s.chain_end, s.seg_addr, s.seg_len, s.seg_flags, s.hosts, s.frame, counters)
         # Every argument but the views has one type for good (arrays this object or the region
         # table made); the views are either the copy path's NO_VIEWS or a direct map, whose

@@ -186,9 +186,10 @@ def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len
 
 
 @kernel
-def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_poll, leave, heads, chain_end,
+def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_cycles, leave, heads, chain_end,
                  seg_addr, seg_len, seg_flags, hosts, scratch, counters):
-    """Bursts until the ring is empty (idle_poll False) or for max_cycles (`ring/poll.py`).
+    """Bursts for up to max_cycles, until the ring stayed empty for idle_cycles (0: at once)
+    (`ring/poll.py`).
 
     Returning to Python costs microseconds per call, so a busy-polling worker keeps polling
     here, without the GIL, while the driver catches up. It leaves after the burst in which the
@@ -198,6 +199,7 @@ def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_poll, leave, heads,
     done = 0
     notify_before = counters[C_NOTIFY]
     start = read_cycles()
+    last_work = start
     while True:
         n = tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len,
                           seg_flags, hosts, scratch, counters)
@@ -206,10 +208,13 @@ def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_poll, leave, heads,
         done += n
         if counters[C_NOTIFY] != notify_before or asked_to_leave(leave):
             break
-        if n == 0:
-            if not idle_poll:
-                break
+        now = read_cycles()
+        if n > 0:
+            last_work = now
+        elif now - last_work >= idle_cycles:
+            break
+        else:
             cpu_relax()
-        if read_cycles() - start >= max_cycles:
+        if now - start >= max_cycles:
             break
     return done, counters[C_NOTIFY] != notify_before

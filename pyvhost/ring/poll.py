@@ -5,7 +5,8 @@ interpreter per round (epoch, table, views, the device call) while the driver ke
 ring; measured against testpmd txonly that was ~75,000 rounds/s and the ring was full (frames
 refused) for part of each. A device kernel given a `PollWindow` instead keeps bursting, and
 keeps looking at an empty ring with the CPU's spin-wait hint, all without the GIL, until:
-- the window's cycles are used up (other rings of the same worker get their turn),
+- the window's cycles are used up (other rings of the same worker get their turn), or its ring
+  stayed empty for `idle_cycles` (0: at the first empty look),
 - the driver wants an interrupt (the worker signals it in Python),
 - the ring broke, or
 - `leave[0]` is set: a writer that changed the memory map is waiting for this worker to leave
@@ -30,6 +31,10 @@ from pyvhost.ring.jit import inlined_kernel, kernel
 # How long one call may run while its ring has work or is being polled. Other rings of the
 # worker wait this long at most; it does not bound a grace period (`leave` does).
 POLL_WINDOW_S = 100e-6
+# How long a call polls an empty ring (since its last work) before it returns: a gap in the
+# driver's traffic, not a pause. Longer would hold up the worker's other rings (an RX
+# generator whose guest is out of buffers finds no work one pass, has some the next).
+IDLE_POLL_S = 10e-6
 
 
 @intrinsic
@@ -89,16 +94,20 @@ class PollWindow:
     """What a worker hands a device kernel that can keep polling (see the module docstring).
 
     `leave` is the worker's `WorkerEpoch.leave_request` (int64[1]); `cycles` bounds one call;
-    with `idle` False (interrupt-driven workers) the kernel returns as soon as the ring is
-    empty, so the worker can re-enable kicks and sleep.
+    `idle_cycles` how long it polls an empty ring. With `idle` False (interrupt-driven workers,
+    or other rings of the worker have work) that is 0: the kernel returns as soon as the ring
+    is empty, so the worker can move on, or re-enable kicks and sleep.
     """
 
-    __slots__ = ("leave", "cycles", "idle")
+    __slots__ = ("leave", "cycles", "idle", "idle_cycles")
 
-    def __init__(self, leave: np.ndarray, *, idle: bool, seconds: float = POLL_WINDOW_S) -> None:
+    def __init__(self, leave: np.ndarray, *, idle: bool, seconds: float = POLL_WINDOW_S,
+                 idle_seconds: float = IDLE_POLL_S) -> None:
         self.leave = leave
         self.idle = idle
-        self.cycles = max(int(seconds * cycles_per_second()), 1)
+        rate = cycles_per_second()
+        self.cycles = max(int(seconds * rate), 1)
+        self.idle_cycles = int(min(idle_seconds, seconds) * rate) if idle else 0
 
 
 def one_pass_window() -> PollWindow:
