@@ -84,7 +84,7 @@ class NetDevice(Device):
                        | (1 << VIRTIO_NET_F_CTRL_VQ) | (1 << VIRTIO_NET_F_CTRL_RX)
                        | (1 << VIRTIO_NET_F_CTRL_MAC_ADDR) | (1 << VIRTIO_NET_F_GUEST_ANNOUNCE))
     protocol_features = ProtocolFeature.MQ.mask | ProtocolFeature.CONFIG.mask
-    polls_in_kernel = True  # the TX drop sink keeps polling (ring/poll.py)
+    polls_in_kernel = True  # the TX drop sink and the RX generator keep polling (ring/poll.py)
 
     def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
                  max_burst: int = 256, *, mtu: int | None = None, source: str | None = None,
@@ -154,7 +154,7 @@ class NetDevice(Device):
             return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
             mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
-            return self.io.process_rx(queue, mem, views, mergeable)
+            return self.io.process_rx(queue, mem, views, mergeable, window)
         if self.io.gathers_tx:
             return self.io.process_tx(queue, mem, views, self.counters[queue.index])
         return self._drop(queue, mem, views, self.counters[queue.index], window)

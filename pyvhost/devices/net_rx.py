@@ -53,6 +53,7 @@ from pyvhost.devices.net_tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
 from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.poll import PollWindow
 from pyvhost.ring.split_queue import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -65,8 +66,8 @@ DEFAULT_RX_BACKLOG = 1024
 L2_OVERHEAD = 18
 # gen:SIZE: Ethernet + IPv4 + UDP headers, the smallest frame it makes.
 GEN_MIN_SIZE = 14 + 20 + 8
-# Frames a generator may deliver per call (bursts of max_burst): more would stretch the
-# worker's round, and so a grace period, past one burst's worth of time.
+# Frames a generator may deliver per call without a poll window (bursts of max_burst): more
+# would stretch the caller's round. Workers pass a window (rx_generate_poll).
 GEN_ROUNDS_PER_CALL = 8
 
 
@@ -402,7 +403,7 @@ class NetIo:
         return int(done), bool(notify)
 
     def process_rx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-                   mergeable: bool) -> tuple[int, bool]:
+                   mergeable: bool, window: PollWindow | None = None) -> tuple[int, bool]:
         if self.source is None:
             return 0, False
         pair = queue.index // 2
@@ -413,6 +414,8 @@ class NetIo:
             except BlockingIOError:
                 pass
         if self.generator:
+            if window is not None:
+                return self._generate_polling(queue, mem, views, mergeable, pair, window)
             return self._generate(queue, mem, views, mergeable, pair)
         buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
         if buffers < 0:
@@ -446,6 +449,16 @@ class NetIo:
             if not ring.empty:  # the guest ran out of buffers
                 break
         return buffers, notify
+
+    def _generate_polling(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
+                          mergeable: bool, pair: int, window: PollWindow) -> tuple[int, bool]:
+        """gen:SIZE in a worker's poll window: the refill-and-deliver loop in compiled code."""
+        ring, s = self.rx_ring[pair], self.rx_segs[pair]
+        buffers, notify = RK.rx_generate_poll(
+            mem, queue.q, views, mergeable, self.max_burst, window.cycles, window.idle_cycles,
+            window.leave, s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends,
+            ring.data, ring.lens, ring.ctl, self.rx_counters[pair])
+        return max(int(buffers), 0), bool(notify)
 
     def _deliver(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
                  mergeable: bool, pair: int) -> tuple[int, bool]:

@@ -49,6 +49,7 @@ from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.jit import kernel
+from pyvhost.ring.poll import asked_to_leave, cpu_relax, read_cycles
 
 HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
 NUM_BUFFERS_OFF = 10
@@ -445,3 +446,40 @@ def new_ring(capacity: int, slot_size: int) -> tuple[np.ndarray, np.ndarray, np.
     cap = 1 << max(0, (capacity - 1).bit_length())
     return (np.zeros((cap, slot_size), dtype=np.uint8), np.zeros(cap, dtype=np.int64),
             np.zeros(RING_CTL_LEN, dtype=np.int64))
+
+
+@kernel
+def rx_generate_poll(mem, q, views, mergeable, max_frames, max_cycles, idle_cycles, leave,
+                     seg_addr, seg_len, seg_flags, chain_heads, chain_ends, data, lens, ctl,
+                     counters):
+    """The gen:SIZE source under a poll window (`ring/poll.py`): make the repeating ring full
+    again (every slot holds the same frame, so that is one store) and deliver, burst after
+    burst, for up to max_cycles; while the guest has no buffers, look again for up to
+    idle_cycles (0: return at once). Leaves after the burst that wants an interrupt or when
+    `leave` is raised. Returns (used buffers, interrupt?); buffers -1: the queue broke.
+    """
+    buffers = 0
+    start = read_cycles()
+    last_work = start
+    while True:
+        ctl[R_TAIL] = ctl[R_HEAD] + lens.shape[0]
+        frames, used, notify = rx_deliver(mem, q, views, mergeable, max_frames, seg_addr,
+                                          seg_len, seg_flags, chain_heads, chain_ends, data,
+                                          lens, ctl, counters)
+        if frames < 0:
+            return -1, False
+        buffers += used
+        if notify:
+            return buffers, True
+        if asked_to_leave(leave):
+            break
+        now = read_cycles()
+        if frames > 0:
+            last_work = now
+        elif now - last_work >= idle_cycles:
+            break
+        else:
+            cpu_relax()
+        if now - start >= max_cycles:
+            break
+    return buffers, False
