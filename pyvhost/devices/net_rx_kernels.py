@@ -48,7 +48,7 @@ from pyvhost.devices import net_kernels as NK
 from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.jit import kernel
+from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.poll import asked_to_leave, cpu_relax, read_cycles
 
 HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
@@ -140,7 +140,7 @@ def guest_to_array(mem, addr, out, off, n):
     return True
 
 
-@kernel
+@inlined_kernel
 def array_to_guest(mem, addr, src, off, n):
     """Copy src[off:off+n] to GPA addr; False if any byte is unmapped."""
     done = 0
@@ -263,6 +263,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         room = 0
         pos = 0
         never = False  # the frame can never be delivered: drop it
+        fast_host = 0  # the direct map's fast path took one buffer that holds the frame
         while room < total:
             if avail == 0:
                 avail = K.avail_count(mem, q, views)
@@ -285,6 +286,14 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
             if pos >= seg_cap or nchains + nbad >= chain_heads.shape[0]:
                 never = True  # more segments or chains than our scratch (and the ring) holds
                 break
+            if nchains + nbad == 0 and (q[K.Q_FLAGS] & K.F_DIRECT):
+                h, fast_host = K.pop_lone_writable_direct(mem, q, views, total)
+                if h >= 0:  # exactly what pop_chain would pop, written below as it would be
+                    avail -= 1
+                    chain_heads[0] = h
+                    nchains = 1
+                    room = total
+                    break
             h, end, _t = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
             if h == -1:
                 return -1, 0, False
@@ -342,6 +351,13 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         buffers += nbad
         sent = 0
         start = 0
+        if fast_host != 0:
+            array_to_host(fast_host, buf, 0, total)
+            if not K.add_used(mem, q, views, chain_heads[0], total):
+                return -1, 0, False
+            nchains = 0  # done: skip the general copy below
+            buffers += 1
+            sent = total
         for c in range(nchains):
             wrote = 0
             for j in range(start, chain_ends[c]):

@@ -504,14 +504,10 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
     exactly the same chains. The caller has F_DIRECT set and n <= avail_count() (after its
     acquire fence). Returns the number popped; q's next_avail and chain count follow.
     """
-    desc = views[0]
     avail = views[1]
-    gpa_start = mem[KM_GPA_START]
-    region_size = mem[KM_SIZE]
-    region_host = mem[KM_HOST]
     n = min(n, heads.shape[0], chain_end.shape[0], seg_addr.shape[0], seg_len.shape[0],
             seg_flags.shape[0], hosts.shape[0])
-    if gpa_start.shape[0] == 0:
+    if mem[KM_GPA_START].shape[0] == 0:
         return 0
     size = q[Q_SIZE]
     next_avail = q[Q_NEXT_AVAIL]
@@ -521,26 +517,9 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
         head = np.int64(avail[2 + (next_avail & (size - 1))])
         if head >= size:
             break
-        word = desc[2 * head + 1]  # len | flags << 32 | next << 48
-        if (word >> np.uint64(32)) & np.uint64(0xFFFF) != 0:  # NEXT, WRITE or INDIRECT
+        host, addr, length, r = lone_desc_direct(mem, views, head, 0, min_len, r)
+        if host == 0:
             break
-        raw = desc[2 * head]
-        if raw > np.uint64(ADDR_MAX):
-            break
-        addr = np.int64(raw)
-        length = np.int64(word & np.uint64(0xFFFFFFFF))
-        if length < min_len:
-            break
-        off = addr - gpa_start[r]
-        if off < 0 or off >= region_size[r] or length > region_size[r] - off:
-            r2 = region_index(mem, SPACE_GPA, addr)
-            if r2 < 0:
-                break
-            off = addr - gpa_start[r2]
-            if length > region_size[r2] - off:
-                break
-            r = r2
-        host = region_host[r] + off
         prefetch(host + first_read)
         heads[k] = head
         chain_end[k] = k + 1
@@ -553,6 +532,57 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
     q[Q_NEXT_AVAIL] = next_avail
     q[Q_CHAINS] += k
     return k
+
+
+@inlined_kernel
+def lone_desc_direct(mem, views, head, flags_wanted, min_len, r):
+    """Descriptor `head` (< queue size) of the direct map, if it is a chain of its own whose
+    flags are exactly flags_wanted (0: readable, VIRTQ_DESC_F_WRITE: writable) and whose
+    min_len or more bytes lie inside one region (region r is tried first, then the search).
+    Returns (host address, GPA, length, region), or host 0 when it is anything else."""
+    desc = views[0]
+    gpa_start = mem[KM_GPA_START]
+    region_size = mem[KM_SIZE]
+    word = desc[2 * head + 1]  # len | flags << 32 | next << 48
+    if np.int64((word >> np.uint64(32)) & np.uint64(0xFFFF)) != flags_wanted:
+        return 0, 0, 0, r
+    raw = desc[2 * head]
+    length = np.int64(word & np.uint64(0xFFFFFFFF))
+    if raw > np.uint64(ADDR_MAX) or length < min_len:
+        return 0, 0, 0, r
+    addr = np.int64(raw)
+    off = addr - gpa_start[r]
+    if off < 0 or off >= region_size[r] or length > region_size[r] - off:
+        r2 = region_index(mem, SPACE_GPA, addr)
+        if r2 < 0:
+            return 0, 0, 0, r
+        off = addr - gpa_start[r2]
+        if length > region_size[r2] - off:
+            return 0, 0, 0, r
+        r = r2
+    return mem[KM_HOST][r] + off, addr, length, r
+
+
+@inlined_kernel
+def pop_lone_writable_direct(mem, q, views, min_len):
+    """The receive side of the direct map's fast path: the next chain, if it is one writable
+    descriptor of min_len bytes or more inside one region, is popped (as pop_chain would pop
+    it). Returns (head, host address), or head -1 having consumed nothing (take pop_chain,
+    whose checks report whatever is wrong). The caller has F_DIRECT set and avail_count() > 0.
+    """
+    if mem[KM_GPA_START].shape[0] == 0:
+        return -1, 0
+    size = q[Q_SIZE]
+    head = np.int64(views[1][2 + (q[Q_NEXT_AVAIL] & (size - 1))])
+    if head >= size:
+        return -1, 0
+    host, _addr, _length, _r = lone_desc_direct(mem, views, head, VIRTQ_DESC_F_WRITE, min_len,
+                                                0)
+    if host == 0:
+        return -1, 0
+    q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
+    q[Q_CHAINS] += 1
+    return head, host
 
 
 @inlined_kernel
