@@ -53,7 +53,7 @@ from pyvhost.devices.net_tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
 from pyvhost.ring.direct_map import RingViews
-from pyvhost.ring.poll import PollWindow
+from pyvhost.ring.poll import PollWindow, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -511,6 +511,10 @@ def warm_up() -> None:
     RK.ring_to_pcap(other.data, other.lens, other.ctl, np.zeros(128, np.uint8), 0, 0, 65535)
     RK.rx_deliver(mem, q.q, NO_VIEWS, True, 1, s.seg_addr, s.seg_len, s.seg_flags,
                   s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl, counters)
+    w = one_pass_window()  # the generator's loop, as NetIo._generate_polling calls it
+    RK.rx_generate_poll(mem, q.q, NO_VIEWS, True, 1, w.cycles, w.idle_cycles, w.leave,
+                        s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends,
+                        ring.data, ring.lens, ring.ctl, counters)
     q.q[:] = 0
     q.set_size(1)
     RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.seg_addr, s.seg_len, s.seg_flags, ring.data,
