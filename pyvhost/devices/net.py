@@ -112,7 +112,7 @@ class NetDevice(Device):
         self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}
         self._drop_entry: dict[bool, Any] = {}  # compiled tx_drop_poll by views kind (_drop)
-        self._one_pass = one_pass_window()  # bursts outside a worker: drain, then return
+        self._one_pass = one_pass_window()  # calls without a window: drain, then return
         # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
         self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
                         rx_backlog=rx_backlog, max_burst=max_burst)
@@ -150,6 +150,7 @@ class NetDevice(Device):
 
     def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
                       views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
+        window = window or self._one_pass
         if queue.index == self.ctrl_index:
             return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
@@ -166,12 +167,12 @@ class NetDevice(Device):
                       views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
         if not self.is_tx(queue.index):
             return 0, False
-        return self._drop(queue, mem, views, self.discarded[queue.index], window)
+        return self._drop(queue, mem, views, self.discarded[queue.index],
+                          window or self._one_pass)
 
     def _drop(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-              counters: np.ndarray, window: PollWindow | None) -> tuple[int, bool]:
+              counters: np.ndarray, w: PollWindow) -> tuple[int, bool]:
         s = self._scratch[queue.index]
-        w = window or self._one_pass
         args = (mem, queue.q, views, s.max_burst, w.cycles, w.idle_cycles, w.leave, s.heads,
                 s.chain_end, s.seg_addr, s.seg_len, s.seg_flags, s.hosts, s.frame, counters)
         # Every argument but the views has one type for good (arrays this object or the region

@@ -14,7 +14,7 @@ import numpy as np
 from pyvhost.ring import kernels as K
 from pyvhost.ring.hostmem import load_u8, prefetch
 from pyvhost.ring.jit import inlined_kernel, kernel
-from pyvhost.ring.poll import asked_to_leave, cpu_relax, read_cycles
+from pyvhost.ring.poll import read_cycles, window_goes_on
 
 # Counter slots.
 C_PACKETS = 0
@@ -206,15 +206,10 @@ def tx_drop_poll(mem, q, views, max_chains, max_cycles, idle_cycles, leave, head
         if n < 0:
             return -1, False
         done += n
-        if counters[C_NOTIFY] != notify_before or asked_to_leave(leave):
+        if counters[C_NOTIFY] != notify_before:
             break
-        now = read_cycles()
-        if n > 0:
-            last_work = now
-        elif now - last_work >= idle_cycles:
-            break
-        else:
-            cpu_relax()
-        if now - start >= max_cycles:
+        go_on, last_work = window_goes_on(leave, n > 0, start, last_work, max_cycles,
+                                          idle_cycles)
+        if not go_on:
             break
     return done, counters[C_NOTIFY] != notify_before

@@ -66,9 +66,6 @@ DEFAULT_RX_BACKLOG = 1024
 L2_OVERHEAD = 18
 # gen:SIZE: Ethernet + IPv4 + UDP headers, the smallest frame it makes.
 GEN_MIN_SIZE = 14 + 20 + 8
-# Frames a generator may deliver per call without a poll window (bursts of max_burst): more
-# would stretch the caller's round. Workers pass a window (rx_generate_poll).
-GEN_ROUNDS_PER_CALL = 8
 
 
 @dataclass(frozen=True)
@@ -152,20 +149,12 @@ class FrameRing:
 
     @classmethod
     def repeating(cls, frame: bytes, capacity: int, slot: int) -> "FrameRing":
-        """A ring whose every slot holds `frame` behind a zero virtio-net header; `refill()`
-        makes it full again without writing a byte (the generator source)."""
+        """A ring whose every slot holds `frame` behind a zero virtio-net header; the generator
+        source (`rx_generate_poll`) makes it full again without writing a byte."""
         ring = cls(capacity, slot)
         ring.data[:, RK.HDR:RK.HDR + len(frame)] = np.frombuffer(frame, dtype=np.uint8)
         ring.lens[:] = RK.HDR + len(frame)
         return ring
-
-    @property
-    def empty(self) -> bool:
-        return self.pending == 0
-
-    def refill(self) -> None:
-        """Producer, for a `repeating` ring only: every slot pending again."""
-        self.ctl[RK.R_TAIL] = self.ctl[RK.R_HEAD] + self.capacity
 
     def clear(self) -> None:
         """Forget pending frames (consumer side: only the consumer, or with both stopped)."""
@@ -403,7 +392,7 @@ class NetIo:
         return int(done), bool(notify)
 
     def process_rx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-                   mergeable: bool, window: PollWindow | None = None) -> tuple[int, bool]:
+                   mergeable: bool, window: PollWindow) -> tuple[int, bool]:
         if self.source is None:
             return 0, False
         pair = queue.index // 2
@@ -414,9 +403,7 @@ class NetIo:
             except BlockingIOError:
                 pass
         if self.generator:
-            if window is not None:
-                return self._generate_polling(queue, mem, views, mergeable, pair, window)
-            return self._generate(queue, mem, views, mergeable, pair)
+            return self._generate(queue, mem, views, mergeable, pair, window)
         buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
         if buffers < 0:
             return 0, False
@@ -435,24 +422,9 @@ class NetIo:
         return buffers, notify
 
     def _generate(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-                  mergeable: bool, pair: int) -> tuple[int, bool]:
-        """gen:SIZE: whole bursts of the same frame while the guest has buffers for them."""
-        ring = self.rx_ring[pair]
-        buffers, notify = 0, False
-        for _ in range(GEN_ROUNDS_PER_CALL):
-            ring.refill()
-            got, more_notify = self._deliver(queue, mem, views, mergeable, pair)
-            if got <= 0:
-                break
-            buffers += got
-            notify |= more_notify
-            if not ring.empty:  # the guest ran out of buffers
-                break
-        return buffers, notify
-
-    def _generate_polling(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-                          mergeable: bool, pair: int, window: PollWindow) -> tuple[int, bool]:
-        """gen:SIZE in a worker's poll window: the refill-and-deliver loop in compiled code."""
+                  mergeable: bool, pair: int, window: PollWindow) -> tuple[int, bool]:
+        """gen:SIZE: whole bursts of the same frame while the guest has buffers for them, for
+        as long as the poll window lets the refill-and-deliver loop (compiled) go on."""
         ring, s = self.rx_ring[pair], self.rx_segs[pair]
         buffers, notify = RK.rx_generate_poll(
             mem, queue.q, views, mergeable, self.max_burst, window.cycles, window.idle_cycles,
@@ -511,7 +483,7 @@ def warm_up() -> None:
     RK.ring_to_pcap(other.data, other.lens, other.ctl, np.zeros(128, np.uint8), 0, 0, 65535)
     RK.rx_deliver(mem, q.q, NO_VIEWS, True, 1, s.seg_addr, s.seg_len, s.seg_flags,
                   s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl, counters)
-    w = one_pass_window()  # the generator's loop, as NetIo._generate_polling calls it
+    w = one_pass_window()  # the generator's loop, as NetIo._generate calls it
     RK.rx_generate_poll(mem, q.q, NO_VIEWS, True, 1, w.cycles, w.idle_cycles, w.leave,
                         s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends,
                         ring.data, ring.lens, ring.ctl, counters)

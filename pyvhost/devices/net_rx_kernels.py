@@ -49,7 +49,7 @@ from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.jit import inlined_kernel, kernel
-from pyvhost.ring.poll import asked_to_leave, cpu_relax, read_cycles
+from pyvhost.ring.poll import read_cycles, window_goes_on
 
 HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
 NUM_BUFFERS_OFF = 10
@@ -487,15 +487,7 @@ def rx_generate_poll(mem, q, views, mergeable, max_frames, max_cycles, idle_cycl
         buffers += used
         if notify:
             return buffers, True
-        if asked_to_leave(leave):
-            break
-        now = read_cycles()
-        if frames > 0:
-            last_work = now
-        elif now - last_work >= idle_cycles:
-            break
-        else:
-            cpu_relax()
-        if now - start >= max_cycles:
-            break
-    return buffers, False
+        go_on, last_work = window_goes_on(leave, frames > 0, start, last_work, max_cycles,
+                                          idle_cycles)
+        if not go_on:
+            return buffers, False

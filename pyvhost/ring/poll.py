@@ -69,6 +69,25 @@ def asked_to_leave(leave):
     return leave[0] != 0
 
 
+@inlined_kernel
+def window_goes_on(leave, worked, start, last_work, max_cycles, idle_cycles):
+    """After a burst of a polling loop that began at cycle `start`: (go on?, last_work).
+
+    Stop when `leave` is raised, when the ring has stayed empty for idle_cycles since the last
+    burst that did work (else spin once with the pause hint before looking again), or when
+    the window's max_cycles are used up. `worked`: this burst did work."""
+    if asked_to_leave(leave):
+        return False, last_work
+    now = read_cycles()
+    if worked:
+        last_work = now
+    elif now - last_work >= idle_cycles:
+        return False, last_work
+    else:
+        cpu_relax()
+    return now - start < max_cycles, last_work
+
+
 @kernel
 def _cycles_now():
     return read_cycles()
