@@ -504,7 +504,6 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
     exactly the same chains. The caller has F_DIRECT set and n <= avail_count() (after its
     acquire fence). Returns the number popped; q's next_avail and chain count follow.
     """
-    avail = views[1]
     n = min(n, heads.shape[0], chain_end.shape[0], seg_addr.shape[0], seg_len.shape[0],
             seg_flags.shape[0], hosts.shape[0])
     if mem[KM_GPA_START].shape[0] == 0:
@@ -514,10 +513,10 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
     r = 0  # the region of the last buffer: consecutive buffers mostly share one
     k = 0
     while k < n:
-        head = np.int64(avail[2 + (next_avail & (size - 1))])
+        head, _ok = read_avail_slot(mem, q, views, next_avail & (size - 1))
         if head >= size:
             break
-        host, addr, length, r = lone_desc_direct(mem, views, head, 0, min_len, r)
+        host, addr, length, r = lone_desc_direct(mem, q, views, head, 0, min_len, r)
         if host == 0:
             break
         prefetch(host + first_read)
@@ -535,22 +534,16 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
 
 
 @inlined_kernel
-def lone_desc_direct(mem, views, head, flags_wanted, min_len, r):
+def lone_desc_direct(mem, q, views, head, flags_wanted, min_len, r):
     """Descriptor `head` (< queue size) of the direct map, if it is a chain of its own whose
     flags are exactly flags_wanted (0: readable, VIRTQ_DESC_F_WRITE: writable) and whose
     min_len or more bytes lie inside one region (region r is tried first, then the search).
     Returns (host address, GPA, length, region), or host 0 when it is anything else."""
-    desc = views[0]
     gpa_start = mem[KM_GPA_START]
     region_size = mem[KM_SIZE]
-    word = desc[2 * head + 1]  # len | flags << 32 | next << 48
-    if np.int64((word >> np.uint64(32)) & np.uint64(0xFFFF)) != flags_wanted:
+    addr, length, flags, _nxt, _ok = read_ring_desc(mem, q, views, head)
+    if flags != flags_wanted or addr < 0 or length < min_len:
         return 0, 0, 0, r
-    raw = desc[2 * head]
-    length = np.int64(word & np.uint64(0xFFFFFFFF))
-    if raw > np.uint64(ADDR_MAX) or length < min_len:
-        return 0, 0, 0, r
-    addr = np.int64(raw)
     off = addr - gpa_start[r]
     if off < 0 or off >= region_size[r] or length > region_size[r] - off:
         r2 = region_index(mem, SPACE_GPA, addr)
@@ -573,11 +566,11 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     if mem[KM_GPA_START].shape[0] == 0:
         return -1, 0
     size = q[Q_SIZE]
-    head = np.int64(views[1][2 + (q[Q_NEXT_AVAIL] & (size - 1))])
+    head, _ok = read_avail_slot(mem, q, views, q[Q_NEXT_AVAIL] & (size - 1))
     if head >= size:
         return -1, 0
-    host, _addr, _length, _r = lone_desc_direct(mem, views, head, VIRTQ_DESC_F_WRITE, min_len,
-                                                0)
+    host, _addr, _length, _r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE,
+                                                min_len, 0)
     if host == 0:
         return -1, 0
     q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
