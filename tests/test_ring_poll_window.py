@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -14,7 +17,9 @@ from pyvhost.daemon import worker as W
 from pyvhost.daemon.vring import Vring
 from pyvhost.devices.net import NetDevice
 from pyvhost.memory.epoch import EpochDomain
+from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring.poll import PollWindow, cycles_per_second, one_pass_window
+from pyvhost.ring.split_queue import SplitQueue
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue
@@ -24,29 +29,55 @@ UDP_FRAME = (b"\0" * 12 + b"\x52\x54\x00\x00\x00\x02" + b"\x52\x54\x00\x00\x00\x
 LONG = 3600.0  # a window no test could wait out
 
 
-def test_an_empty_ring_is_polled_for_the_idle_budget_then_left():
-    """With the default budgets a call on an empty ring polls ~IDLE_POLL_S, not the window."""
+@dataclass
+class DropRing:
+    """A NetDevice (drop sink) serving TX ring 1, fed by a test-double driver."""
+
+    driver: MockSplitQueue
+    queue: SplitQueue
+    dev: NetDevice
+    memory: GuestMemory
+
+    def burst(self, window: PollWindow | None = None, views=None) -> tuple[int, bool]:
+        table = self.memory.table
+        if views is None:
+            views = self.queue.round_views(table)
+        return self.dev.process_burst(self.queue, table, table.kernel(), views, window=window)
+
+    def offer(self, n: int) -> None:
+        self.driver.add_chains_and_publish([([UDP_FRAME], [])] * n)
+
+    def wait_for_packets(self, n: int) -> int:
+        deadline = time.monotonic() + 10
+        while self.dev.stats()["tx_packets"] < n and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return self.dev.stats()["tx_packets"]
+
+
+@contextmanager
+def drop_ring() -> Iterator[DropRing]:
     with GuestRam([(0, 1 << 20)]) as ram:
         memory = backend_memory(ram)
-        _, queue = _tx_ring(ram, memory)
+        driver = MockSplitQueue(ram, 256)
+        queue = device_queue(driver, memory, index=1)
         dev = NetDevice()
         dev.on_queue_started(queue)
+        try:
+            yield DropRing(driver, queue, dev, memory)
+        finally:
+            queue.drop_views()
+            memory.close()
+
+
+def test_an_empty_ring_is_polled_for_the_idle_budget_then_left():
+    """With the default budgets a call on an empty ring polls ~IDLE_POLL_S, not the window."""
+    with drop_ring() as r:
         window = PollWindow(np.zeros(1, dtype=np.int64), idle=True, seconds=LONG)
         assert 0 < window.idle_cycles < window.cycles
-        table = memory.table
-        dev.process_burst(queue, table, table.kernel(), queue.round_views(table))  # compiled
+        r.burst()  # compiled
         t0 = time.monotonic()
-        assert dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
-                                 window=window) == (0, False)
+        assert r.burst(window) == (0, False)
         assert time.monotonic() - t0 < 10
-        queue.drop_views()
-        memory.close()
-
-
-def _tx_ring(ram, memory, size=256):
-    driver = MockSplitQueue(ram, size)
-    queue = device_queue(driver, memory, index=1)
-    return driver, queue
 
 
 def test_cycle_counter_rate_is_plausible():
@@ -54,91 +85,59 @@ def test_cycle_counter_rate_is_plausible():
 
 
 def test_one_pass_window_drains_and_returns():
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        driver, queue = _tx_ring(ram, memory)
-        dev = NetDevice()
-        dev.on_queue_started(queue)
-        driver.add_chains_and_publish([([UDP_FRAME], [])] * 100)
-        table = memory.table
-        done, _ = dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
-                                    window=one_pass_window())
-        assert done == 100 and dev.stats()["tx_udp"] == 100
-        queue.drop_views()
-        memory.close()
+    with drop_ring() as r:
+        r.offer(100)
+        done, _ = r.burst(one_pass_window())
+        assert done == 100 and r.dev.stats()["tx_udp"] == 100
 
 
 def test_polling_kernel_consumes_what_arrives_and_leaves_when_asked():
     """A kernel polling an empty ring (window of an hour) takes chains the driver adds while
     it polls, and returns soon after another thread raises leave_request. (The driver wants no
     interrupts: one would end the loop too, so that the worker can signal it.)"""
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        driver, queue = _tx_ring(ram, memory)
-        driver.set_no_interrupt(True)
-        dev = NetDevice()
-        dev.on_queue_started(queue)
+    with drop_ring() as r:
+        r.driver.set_no_interrupt(True)
         leave = np.zeros(1, dtype=np.int64)
         window = PollWindow(leave, idle=True, seconds=LONG, idle_seconds=LONG)
-        table = memory.table
-        views = queue.round_views(table)
+        views = r.queue.round_views(r.memory.table)
         result: list[tuple[int, bool]] = []
-        t = threading.Thread(target=lambda: result.append(
-            dev.process_burst(queue, table, table.kernel(), views, window=window)))
+        t = threading.Thread(target=lambda: result.append(r.burst(window, views)))
         t.start()
         try:
             time.sleep(0.05)
             assert t.is_alive()  # still polling the empty ring
-            driver.add_chains_and_publish([([UDP_FRAME], [])] * 50)
-            deadline = time.monotonic() + 10
-            while dev.stats()["tx_packets"] < 50 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert dev.stats()["tx_packets"] == 50 and t.is_alive()
+            r.offer(50)
+            assert r.wait_for_packets(50) == 50 and t.is_alive()
         finally:
             leave[0] = 1
             t.join(10)
         assert not t.is_alive() and result == [(50, False)]
-        assert driver.used_idx() == 50
+        assert r.driver.used_idx() == 50
         del views
-        queue.drop_views()
-        memory.close()
 
 
 def test_interrupt_request_ends_a_polling_burst_loop():
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        driver, queue = _tx_ring(ram, memory)
-        dev = NetDevice()
-        dev.on_queue_started(queue)
-        driver.add_chains_and_publish([([UDP_FRAME], [])] * 10)
+    with drop_ring() as r:
+        r.offer(10)
         window = PollWindow(np.zeros(1, dtype=np.int64), idle=True, seconds=LONG)
-        table = memory.table
-        assert dev.process_burst(queue, table, table.kernel(), queue.round_views(table),
-                                 window=window) == (10, True)
-        queue.drop_views()
-        memory.close()
+        assert r.burst(window) == (10, True)
 
 
 def test_grace_period_ends_a_polling_burst_loop():
     """synchronize() raises the flag of a worker inside its epoch and waits for it to leave."""
     domain = EpochDomain()
     epoch = domain.register("w")
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        _, queue = _tx_ring(ram, memory)
-        dev = NetDevice()
-        dev.on_queue_started(queue)
+    with drop_ring() as r:
         window = PollWindow(epoch.leave_request, idle=True, seconds=LONG,
                             idle_seconds=LONG)
-        table = memory.table
-        views = queue.round_views(table)
+        views = r.queue.round_views(r.memory.table)
         entered = threading.Event()
 
         def worker() -> None:
             epoch.enter()
             entered.set()
             try:
-                dev.process_burst(queue, table, table.kernel(), views, window=window)
+                r.burst(window, views)
             finally:
                 epoch.leave()
 
@@ -154,8 +153,6 @@ def test_grace_period_ends_a_polling_burst_loop():
         assert epoch.leave_request[0] == 0
         epoch.leave()
         del views
-        queue.drop_views()
-        memory.close()
 
 
 def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
@@ -163,35 +160,23 @@ def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatc
     period completes, sync() comes round and stop() returns, each well inside the window."""
     monkeypatch.setattr(W, "PollWindow", lambda leave, idle: PollWindow(
         leave, idle=idle, seconds=LONG, idle_seconds=LONG))
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        driver, queue = _tx_ring(ram, memory)
-        dev = NetDevice()
-        dev.on_queue_started(queue)
-        vr = Vring(1, queue)
+    with drop_ring() as r:
+        vr = Vring(1, r.queue)
         vr.running = vr.process = True
-        worker = W.Worker("w", memory, dev, [vr], poll_mode=True, on_broken=lambda v: None)
+        worker = W.Worker("w", r.memory, r.dev, [vr], poll_mode=True, on_broken=lambda v: None)
         worker.start()
         try:
-            driver.add_chains_and_publish([([UDP_FRAME], [])] * 64)
-            deadline = time.monotonic() + 10
-            while dev.stats()["tx_packets"] < 64 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert dev.stats()["tx_packets"] == 64
-            assert memory.epochs.synchronize(timeout=10) < 10
+            r.offer(64)
+            assert r.wait_for_packets(64) == 64
+            assert r.memory.epochs.synchronize(timeout=10) < 10
             assert worker.sync(timeout=10)
-            driver.add_chains_and_publish([([UDP_FRAME], [])] * 64)
-            deadline = time.monotonic() + 10
-            while dev.stats()["tx_packets"] < 128 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            assert dev.stats()["tx_packets"] == 128  # it went back to polling
+            r.offer(64)
+            assert r.wait_for_packets(128) == 128  # it went back to polling
         finally:
             vr.running = False
             t0 = time.monotonic()
             worker.stop(timeout=10)
             stopped_in = time.monotonic() - t0
-            queue.drop_views()
-            memory.close()
         assert not worker.alive and stopped_in < 10
 
 
