@@ -47,7 +47,7 @@ from pathlib import Path
 import numpy as np
 from numba import njit
 
-from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring import kernels as K
 from pyvhost.ring.errors import RingErrorCode

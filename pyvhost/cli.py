@@ -92,7 +92,7 @@ def net_endpoints(args: argparse.Namespace) -> None:
         if args.sink != "drop" or args.source is not None:
             raise ValueError("--tap NAME replaces --sink and --source; give one or the other")
         args.sink = args.source = f"tap:{args.tap}"
-    from pyvhost.devices.net_rx import SINK_KINDS, SOURCE_KINDS, parse_endpoint
+    from pyvhost.devices.net.endpoints import SINK_KINDS, SOURCE_KINDS, parse_endpoint
     parse_endpoint(args.sink, SINK_KINDS)
     if args.source is not None:
         parse_endpoint(args.source, SOURCE_KINDS)
@@ -114,8 +114,8 @@ def run_net(args: argparse.Namespace) -> int:
     # Imported here so that `--version` and `--help` stay fast (numba loads with these).
     from pyvhost.daemon.backend import BackendOptions
     from pyvhost.daemon.server import Server
-    from pyvhost.devices.net import DEFAULT_MAC, NetDevice
-    from pyvhost.devices.net_rx import SINK_KINDS, SOURCE_KINDS, Endpoints, parse_endpoint
+    from pyvhost.devices.net.device import DEFAULT_MAC, NetDevice
+    from pyvhost.devices.net.endpoints import SINK_KINDS, SOURCE_KINDS, Endpoints, parse_endpoint
 
     options = BackendOptions(metadata_access=args.metadata_access, poll=args.poll,
                              workers=args.workers)
@@ -139,7 +139,7 @@ def run_net(args: argparse.Namespace) -> int:
                     max_connections=args.max_connections)
     _warm_up_net()
     if args.sink != "drop" or args.source is not None:
-        from pyvhost.devices.net_rx import warm_up
+        from pyvhost.devices.net.endpoints import warm_up
         warm_up()
 
     def on_signal(signum: int, frame: object) -> None:
@@ -171,7 +171,7 @@ def run_net(args: argparse.Namespace) -> int:
 
 def _warm_up_net() -> None:
     """Load the compiled TX burst and ring calls before the first frontend arrives."""
-    from pyvhost.devices.net import NetDevice
+    from pyvhost.devices.net.device import NetDevice
     from pyvhost.ring import kernels as K
     from pyvhost.memory.table import RegionTable
     from pyvhost.ring.direct_map import NO_VIEWS

@@ -19,7 +19,7 @@ import pytest
 from pyvhost.daemon.backend import STATUS_DEVICE_NEEDS_RESET, BackendOptions
 from pyvhost.daemon.server import Server
 from pyvhost.daemon.unix_socket import Connection
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.protocol import (
     EMPTY,
     U64,

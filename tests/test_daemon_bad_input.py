@@ -17,7 +17,7 @@ import pytest
 
 from pyvhost.daemon.backend import BackendOptions
 from pyvhost.daemon.server import Server
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.protocol import (
     U64,
     FrontendRequest as R,

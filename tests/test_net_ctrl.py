@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 
 from pyvhost.daemon.server import Server
-from pyvhost.devices import net_ctrl as C
-from pyvhost.devices.net import (VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+from pyvhost.devices.net import ctrl as C
+from pyvhost.devices.net.device import (VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
                                  VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
                                  NetDevice)
 from pyvhost.protocol import ProtocolFeature as P
@@ -39,7 +39,7 @@ OK, ERR = bytes([C.VIRTIO_NET_OK]), bytes([C.VIRTIO_NET_ERR])
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
     """Compile the kernels before any daemon runs (a first burst would take seconds)."""
-    from pyvhost.devices.net_rx import warm_up
+    from pyvhost.devices.net.endpoints import warm_up
     warm_up()
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numba
 
-from pyvhost.devices import net_kernels as NK
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net import tx_drop as NK
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.ring.direct_map import NO_VIEWS
 from pyvhost.ring.jit import overload_entry
 from pyvhost.testing.driver import MockSplitQueue

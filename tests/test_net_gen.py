@@ -17,8 +17,8 @@ from scapy.layers.inet import IP, UDP
 from scapy.layers.l2 import Ether
 
 from pyvhost.daemon.backend import BackendOptions
-from pyvhost.devices.net import NetDevice
-from pyvhost.devices.net_rx import GEN_MIN_SIZE, generated_frame, parse_endpoint, SOURCE_KINDS
+from pyvhost.devices.net.device import NetDevice
+from pyvhost.devices.net.endpoints import GEN_MIN_SIZE, generated_frame, parse_endpoint, SOURCE_KINDS
 from test_net_rx import BASE, EVENT_IDX, MRG, _compiled, make  # noqa: F401 (fixtures)
 
 

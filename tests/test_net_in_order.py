@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.ring.layout import VIRTIO_F_IN_ORDER
 from test_net_rx import BASE, EVENT_IDX, MRG, _compiled, frame, make, wait_until  # noqa: F401
 

@@ -20,7 +20,7 @@ import pytest
 
 from pyvhost.daemon.backend import BackendOptions
 from pyvhost.daemon.server import Server
-from pyvhost.devices.net import VIRTIO_NET_F_MRG_RXBUF, NetDevice
+from pyvhost.devices.net.device import VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.ring.layout import (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
                                  VIRTIO_RING_F_INDIRECT_DESC)
@@ -40,7 +40,7 @@ EVENT_IDX = 1 << VIRTIO_RING_F_EVENT_IDX
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
     """Compile the RX/TX kernels before any daemon runs (a first burst would take seconds)."""
-    from pyvhost.devices.net_rx import warm_up
+    from pyvhost.devices.net.endpoints import warm_up
     warm_up()
 
 

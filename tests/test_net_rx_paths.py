@@ -9,8 +9,8 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvhost.devices import net_rx_kernels as RK
-from pyvhost.devices.net_rx import FrameRing, _Segments
+from pyvhost.devices.net import frame_kernels as RK
+from pyvhost.devices.net.endpoints import FrameRing, _Segments
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue

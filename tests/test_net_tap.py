@@ -19,8 +19,8 @@ import time
 
 import pytest
 
-from pyvhost.devices.net_rx import Endpoints
-from pyvhost.devices.net_tap import Tap
+from pyvhost.devices.net.endpoints import Endpoints
+from pyvhost.devices.net.tap import Tap
 from pyvhost.testing.testbed import NetNamespace, unique_name
 from test_net_rx import BASE, EVENT_IDX, MRG, Daemon, frame, wait_until
 
@@ -34,7 +34,7 @@ SO_RCVBUFFORCE = 33
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
-    from pyvhost.devices.net_rx import warm_up
+    from pyvhost.devices.net.endpoints import warm_up
     warm_up()
 
 

@@ -7,7 +7,7 @@ import threading
 
 import numpy as np
 
-from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam

@@ -9,7 +9,7 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.memory import access
 from pyvhost.ring import kernels as K
 from pyvhost.ring.poll import one_pass_window

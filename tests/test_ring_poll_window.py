@@ -15,7 +15,7 @@ import numpy as np
 
 from pyvhost.daemon import worker as W
 from pyvhost.daemon.vring import Vring
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.memory.epoch import EpochDomain
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring.poll import PollWindow, cycles_per_second, one_pass_window

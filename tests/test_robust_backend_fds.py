@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pyvhost.daemon.backend import Backend, ConnectionFatal
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.fd import OwnedFd
 from pyvhost.protocol import FrontendRequest as R
 from pyvhost.protocol import VringFd, VringState, encode_message

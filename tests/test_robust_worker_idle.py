@@ -9,7 +9,7 @@ import time
 
 from pyvhost.daemon import worker as W
 from pyvhost.daemon.backend import BackendOptions
-from pyvhost.devices.net import NetDevice
+from pyvhost.devices.net.device import NetDevice
 from pyvhost.daemon.vring import Vring
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam

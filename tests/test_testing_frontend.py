@@ -622,7 +622,7 @@ def _udp_frame(i: int) -> bytes:
 @pytest.mark.parametrize("event_idx", [False, True])
 def test_against_the_daemon_1000_frames_on_tx_queue_1(sock_path, event_idx):
     from pyvhost.daemon.server import Server
-    from pyvhost.devices.net import NetDevice
+    from pyvhost.devices.net.device import NetDevice
     from pyvhost.ring.layout import VIRTIO_RING_F_EVENT_IDX
 
     server = Server(lambda: NetDevice(1), sock_path, max_connections=1)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring.layout import AVAIL_IDX
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator, Sequence
 from pyvhost.daemon.eventfd import EventFd, NotAnEventFd
 from pyvhost.daemon.vring import Vring
 from pyvhost.daemon.worker import Worker, group_rings
-from pyvhost.devices.base import ConfigError, Device
+from pyvhost.device import ConfigError, Device
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.epoch import GraceTimeout
 from pyvhost.memory.errors import AddressNotMappedError, BadRegionError

@@ -23,7 +23,7 @@ from pyvhost.daemon.unix_socket import (
     Stopped,
     connect,
 )
-from pyvhost.devices.base import Device
+from pyvhost.device import Device
 from pyvhost.protocol import RemoteProtocolError
 
 log = logging.getLogger(__name__)

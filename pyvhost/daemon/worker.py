@@ -39,7 +39,7 @@ from typing import Callable, Sequence
 
 from pyvhost.daemon.eventfd import EventFd
 from pyvhost.daemon.vring import Vring
-from pyvhost.devices.base import Device
+from pyvhost.device import Device
 from pyvhost.memory.epoch import WorkerEpoch
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring import kernels as K

@@ -1,0 +1,1 @@
+"""The devices pyvhost ships: virtio-net (`net/`) and virtio-rng (`rng.py`)."""

@@ -23,9 +23,10 @@ def _source_keyed_cache_dir() -> str:
     """
     package = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()
-    for path in sorted(package.glob("*/*.py")):
-        if path.parent.name in ("ring", "devices", "memory"):
-            digest.update(path.name.encode())
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.parts[0] in ("ring", "devices", "memory") or rel.name == "device.py":
+            digest.update(str(rel).encode())
             digest.update(path.read_bytes())
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "pyvhost" / "numba"
     return str(base / digest.hexdigest()[:16])

@@ -26,7 +26,7 @@ from typing import Callable
 
 from pyvhost.daemon.backend import BackendOptions
 from pyvhost.daemon.server import Server
-from pyvhost.devices.base import Device
+from pyvhost.device import Device
 
 TIMEOUT = 30.0  # a bound against hangs only
 
@@ -80,7 +80,7 @@ def warm_up_net() -> None:
     """Load the net device's burst and the worker's ring calls (as `pyvhost net` does before
     serving): a first burst that loads or compiles them runs inside the worker's epoch, and a
     grace period then waits for it (0.8 s seen)."""
-    from pyvhost.devices.net import NetDevice
+    from pyvhost.devices.net.device import NetDevice
     from pyvhost.memory.table import RegionTable
     from pyvhost.ring import kernels as K
     from pyvhost.ring.direct_map import NO_VIEWS
@@ -102,7 +102,7 @@ class DaemonThread:
     def __init__(self, path: str, device_factory: Callable[[], Device] | None = None,
                  options: BackendOptions = BackendOptions()) -> None:
         if device_factory is None:
-            from pyvhost.devices.net import NetDevice
+            from pyvhost.devices.net.device import NetDevice
             warm_up_net()
             device_factory = NetDevice
         self.path = path

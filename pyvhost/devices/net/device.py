@@ -5,7 +5,7 @@ Queues come in pairs: even index = receiveq (device -> driver), odd index = tran
 length less the 12-byte virtio_net_hdr that VERSION_1 always puts first, 5.1.6) and completed
 with used length 0, since the device wrote nothing. Where the frames go is the TX sink: "drop"
 (this module's compiled drop kernel), "tap:NAME" or "pcap:FILE"; where received frames come
-from is the RX source: none, "tap:NAME" or "loopback" (`net_rx.py`, which serves both).
+from is the RX source: none, "tap:NAME" or "loopback" (`endpoints.py`, which serves both).
 
 Queue 2N (N queue pairs) is the control queue (CTRL_VQ, `net_ctrl.py`): the RX-mode, MAC
 table and announce commands a Linux guest sends are acknowledged, and with N > 1 VIRTIO_NET_F_MQ
@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from pyvhost.devices import net_kernels as NK
-from pyvhost.devices.base import Device
-from pyvhost.devices.net_ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
+from pyvhost.devices.net import tx_drop as NK
+from pyvhost.device import Device
+from pyvhost.devices.net.ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
                                       VIRTIO_NET_F_GUEST_ANNOUNCE, ControlQueue)
-from pyvhost.devices.net_rx import SINK_KINDS, Endpoints, NetIo
+from pyvhost.devices.net.endpoints import SINK_KINDS, Endpoints, NetIo
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.ring.direct_map import NO_VIEWS, RingViews
@@ -48,7 +48,7 @@ VIRTIO_NET_S_LINK_UP = 1
 # struct virtio_net_hdr with VERSION_1 (num_buffers always present): 12 bytes (5.1.6).
 NET_HDR_SIZE = NK.VIRTIO_NET_HDR_LEN
 
-SINKS = SINK_KINDS  # "drop", "tap:NAME", "pcap:FILE" (net_rx.parse_endpoint)
+SINKS = SINK_KINDS  # "drop", "tap:NAME", "pcap:FILE" (endpoints.parse_endpoint)
 
 DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
 
@@ -107,7 +107,7 @@ class NetDevice(Device):
         self._initial_mac = self.mac
         self.max_burst = max_burst
         # Per queue: counters of chains processed while enabled, and of those discarded while
-        # disabled (net_kernels.C_* slots; only TX rows are used).
+        # disabled (tx_drop.C_* slots; only TX rows are used).
         self.counters = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self.discarded = np.zeros((self.num_queues, NK.COUNTERS_LEN), dtype=np.int64)
         self._scratch = {i: TxScratch(max_burst) for i in range(1, self.num_queues, 2)}

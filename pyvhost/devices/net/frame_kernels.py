@@ -44,7 +44,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from pyvhost.devices import net_kernels as NK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.errors import RingErrorCode as E
@@ -71,7 +71,7 @@ RX_NOTIFY = 5
 RX_WAITS = 6            # times a frame waited for buffers
 RX_COUNTERS_LEN = 8
 
-# TX sink counters beyond net_kernels' per-protocol ones (one row per TX queue).
+# TX sink counters beyond tx_drop' per-protocol ones (one row per TX queue).
 TX_OVERSIZE = 0         # frames larger than a slot: completed, not forwarded
 TX_SHORT = 1            # chains without a whole virtio-net header: completed, not forwarded
 TX_WRITE_ERRORS = 2     # frames a sink failed to write (e.g. TAP write error)
@@ -168,7 +168,7 @@ def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, len
               counters, extra):
     """Pop up to max_chains TX chains into ring slots (see module doc).
 
-    counters: net_kernels' per-queue TX counters (packets, bytes, per protocol); extra: the
+    counters: tx_drop' per-queue TX counters (packets, bytes, per protocol); extra: the
     TX_* counters. Returns (chains completed, interrupt?); chains -1: the queue broke.
     """
     cap = lens.shape[0]

@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from pyvhost.devices import net_rx_kernels as RK
+from pyvhost.devices.net import frame_kernels as RK
 from pyvhost.fd import OwnedFd
 
 PCAP_MAGIC_USEC = 0xA1B2C3D4

@@ -1,6 +1,6 @@
 """Where a NetDevice's frames go and come from: TX sinks other than drop, and RX sources.
 
-    TX sinks:   drop (net.py's compiled drop kernel), tap:NAME, pcap:FILE
+    TX sinks:   drop (device.py's compiled drop kernel), tap:NAME, pcap:FILE
     RX sources: tap:NAME (frames the host sends through the TAP), loopback (what the guest
                 transmits comes back to it), gen:SIZE (a traffic generator: the guest
                 receives SIZE-byte UDP frames as fast as it posts buffers)
@@ -47,9 +47,9 @@ from typing import Any
 
 import numpy as np
 
-from pyvhost.devices import net_rx_kernels as RK
-from pyvhost.devices.net_pcap import PcapWriter
-from pyvhost.devices.net_tap import Tap
+from pyvhost.devices.net import frame_kernels as RK
+from pyvhost.devices.net.pcap import PcapWriter
+from pyvhost.devices.net.tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
 from pyvhost.ring.direct_map import RingViews
@@ -126,7 +126,7 @@ def slot_size(mtu: int) -> int:
 
 
 class FrameRing:
-    """A bounded SPSC ring of frames (see net_rx_kernels), with the Python-side producer and
+    """A bounded SPSC ring of frames (see frame_kernels), with the Python-side producer and
     consumer that talk to fds."""
 
     def __init__(self, capacity: int, slot: int) -> None:
@@ -322,7 +322,7 @@ class NetIo:
             self.rx_tap = self.endpoints.tap(self.source.arg, queue_pairs, mtu)  # type: ignore[arg-type]
         self.loopback = self.source is not None and self.source.kind == "loopback"
         self.generator = self.source is not None and self.source.kind == "gen"
-        # TX: the drop sink without loopback keeps net.py's own kernel.
+        # TX: the drop sink without loopback keeps device.py's own kernel.
         self.gathers_tx = self.sink.kind != "drop" or self.loopback
         self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
             if self.gathers_tx else []
@@ -495,7 +495,7 @@ def warm_up() -> None:
     # enabled TX ring runs (Device.discard_burst).
     K.enable_notification(mem, q.q, NO_VIEWS)
     K.disable_notification(mem, q.q, NO_VIEWS)
-    from pyvhost.devices.net import NetDevice
+    from pyvhost.devices.net.device import NetDevice
     tx = SplitQueue(1)
     tx.set_size(1)
     NetDevice().discard_burst(tx, RegionTable(), mem, NO_VIEWS)
