@@ -21,6 +21,7 @@ class RingErrorCode(IntEnum):
     USED_ID_OUT_OF_RANGE = 12 # the device itself pushed an id >= queue size (our bug)
     INDIRECT_NOT_NEGOTIATED = 13
     RX_NOT_WRITABLE = 14      # IN_ORDER: an RX buffer with no writable byte amid a frame's buffers
+    DEVICE_FAILED = 15        # the device's own code raised while serving the queue (our side)
 
 
 _MESSAGES = {
@@ -39,6 +40,7 @@ _MESSAGES = {
     RingErrorCode.INDIRECT_NOT_NEGOTIATED: "indirect descriptor {info} without INDIRECT_DESC",
     RingErrorCode.RX_NOT_WRITABLE: "receive buffer at head {info} has no device-writable byte, "
                                    "amid a frame's buffers (IN_ORDER: cannot be returned apart)",
+    RingErrorCode.DEVICE_FAILED: "the device failed while serving the queue",
 }
 
 

@@ -578,6 +578,14 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     return head, host
 
 
+@kernel
+def rewind(q, n):
+    """Give back the last n popped chains: the driver cannot tell, since the device only read
+    them (virtqueue "unpop", as libvhost-user's vu_queue_rewind)."""
+    q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] - n) & 0xFFFF
+    q[Q_CHAINS] -= n
+
+
 @inlined_kernel
 def add_used(mem, q, views, head, length):
     """Write one used element at next_used (not yet published)."""

@@ -91,6 +91,8 @@ class SplitQueue:
         self._last_reason = ""
         self._last_copy_table: RegionTable | None = None
         self.addresses_set = False
+        #: What the device's own code raised when it broke the queue (DEVICE_FAILED).
+        self.device_error = ""
         self.max_burst = max_burst
         self._alloc_scratch(max_burst)
 
@@ -154,6 +156,7 @@ class SplitQueue:
         self.q[:] = 0
         self.q[K.Q_SIZE] = size
         self.addresses_set = False
+        self.device_error = ""
         self.invalidate("queue reset")
 
     # -- invalidation and the per-round choice of path --
@@ -215,7 +218,21 @@ class SplitQueue:
         return RingError(self.index, int(self.q[K.Q_ERROR]), int(self.q[K.Q_ERROR_INFO]))
 
     def error_text(self) -> str:
-        return describe(int(self.q[K.Q_ERROR]), int(self.q[K.Q_ERROR_INFO])) if self.broken else ""
+        if not self.broken:
+            return ""
+        if self.q[K.Q_ERROR] == RingErrorCode.DEVICE_FAILED and self.device_error:
+            return self.device_error
+        return describe(int(self.q[K.Q_ERROR]), int(self.q[K.Q_ERROR_INFO]))
+
+    def fail_device(self, text: str, exc: BaseException | None = None) -> None:
+        """Break the queue because the device's code failed on it (not the guest's input);
+        a queue the guest already broke keeps the guest's reason."""
+        if exc is not None:
+            log.error("queue %d: %s", self.index, text, exc_info=exc)
+        if not self.broken:
+            self.device_error = text
+            self.q[K.Q_ERROR_INFO] = 0
+            self.q[K.Q_ERROR] = RingErrorCode.DEVICE_FAILED
 
     def _raise_if_broken(self) -> None:
         if self.broken:

@@ -154,13 +154,6 @@ def array_to_guest(mem, addr, src, off, n):
     return True
 
 
-@kernel
-def unpop(q, n):
-    """Give back the last n popped chains (they were only read: the driver cannot tell)."""
-    q[K.Q_NEXT_AVAIL] = (q[K.Q_NEXT_AVAIL] - n) & 0xFFFF
-    q[K.Q_CHAINS] -= n
-
-
 # ------------------------------------------------------------------------------------ TX --
 
 @kernel
@@ -331,7 +324,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 break
         if room < total:
             popped = nchains + nbad
-            unpop(q, popped)
+            K.rewind(q, popped)
             avail += popped
             if never:
                 counters[RX_TOO_BIG] += 1
