@@ -5,6 +5,10 @@ Writers (the protocol thread) go through `_publish()`: swap the table, wait one 
 tell the listeners (queues drop their direct views), and only then unmap what the new table no
 longer holds. A mapping that still has views alive refuses to unmap (BufferError); it is kept on
 a retired list and retried, and counted as leaked if it still cannot go at `close()`.
+
+Deferred requests (`pyvhost.Request.defer`) use guest memory after their burst, outside every
+epoch: they `pin()` the table of their burst. A pinned region is not unmapped; when the last
+pin goes, retired regions are retried at once. Grace periods never wait for pins.
 """
 
 from __future__ import annotations
@@ -44,6 +48,22 @@ class GraceStats:
             del self.recent[:50_000]
 
 
+class TablePin:
+    """Keeps a table's regions mapped until `release()` (idempotent; any thread)."""
+
+    __slots__ = ("_memory", "table", "_released")
+
+    def __init__(self, memory: "GuestMemory", table: RegionTable) -> None:
+        self._memory = memory
+        self.table = table
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._memory._unpin(self.table)
+
+
 class GuestMemory:
     def __init__(self, epochs: EpochDomain | None = None, grace_timeout: float = 1.0) -> None:
         self.epochs = epochs or EpochDomain()
@@ -54,6 +74,7 @@ class GuestMemory:
         self._listeners: list[Listener] = []
         self._retired: list[MappedRegion] = []
         self._writer = threading.Lock()  # writers serialise; readers never take it
+        self._pins = threading.Lock()    # region pin counts and the retired list
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -61,6 +82,21 @@ class GuestMemory:
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    # -- pins (deferred requests) --
+
+    def pin(self, table: RegionTable) -> TablePin:
+        with self._pins:
+            for r in table.regions:
+                r.pins += 1
+        return TablePin(self, table)
+
+    def _unpin(self, table: RegionTable) -> None:
+        with self._pins:
+            for r in table.regions:
+                r.pins -= 1
+            if self._retired:
+                self._retired = [r for r in self._retired if not r.close()]
 
     # -- writer operations (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG) --
 
@@ -113,6 +149,8 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap everything (connection end). Workers must be stopped or idle by now."""
         self.clear()
+        with self._pins:
+            self._retired = [r for r in self._retired if not r.close()]
         if self._retired:
             self.leaked_mappings += len(self._retired)
             log.error("%d guest mappings still have live views at close: %s",
@@ -139,15 +177,18 @@ class GuestMemory:
         for listener in list(self._listeners):
             listener(old, new)
         kept = {id(r) for r in new.regions}
-        self._retired.extend(r for r in old.regions if id(r) not in kept)
+        with self._pins:
+            self._retired.extend(r for r in old.regions if id(r) not in kept)
         if grace_completed:
             # Every burst that could hold an old table (or its raw host addresses) has ended.
             old.release_kernel()
             self._retry_retired()
 
     def _retry_retired(self) -> None:
-        # close() refuses while numpy views of a region live; those regions wait for next time.
-        self._retired = [r for r in self._retired if not r.close()]
+        # close() refuses while numpy views of a region live or deferred requests pin it;
+        # those regions wait for next time (or for their last pin).
+        with self._pins:
+            self._retired = [r for r in self._retired if not r.close()]
 
 
 def _map_all(pending: list[tuple[RegionSpec, OwnedFd]]) -> list[MappedRegion]:

@@ -60,6 +60,7 @@ class MappedRegion:
         spec.check()
         self.spec = spec
         self.users = 1  # ADD_MEM_REGs naming this very region, written under the writer lock
+        self.pins = 0   # deferred requests using this mapping (GuestMemory.pin); unmap waits
         self._fd = fd
         length = spec.mmap_offset + spec.memory_size
         _check_backing_size(fd, length, spec)
@@ -79,6 +80,8 @@ class MappedRegion:
         """Unmap and close the fd. Returns False (and keeps the mapping) while views are alive."""
         if self._mmap is None:
             return True
+        if self.pins:
+            return False
         self.data = None
         try:
             self._mmap.close()
