@@ -1,78 +1,336 @@
 """The device API: what a device author writes to serve a virtio device over vhost-user.
 
-A device is a plain object; the daemon owns the connection, guest memory, rings and threads.
-Subclass `Device`, set the class attributes, and implement `process_burst`:
+A device is a plain object; pyvhost owns the connection, guest memory, the rings, the
+threads, popping chains, batching used elements, notification suppression and interrupts.
+The smallest device is a class with a `handle()`:
 
-    class Sink(Device):
-        name = "sink"
-        device_features = 1 << VIRTIO_F_VERSION_1
+    import pyvhost
+
+    class Pattern(pyvhost.Device):
+        device_id = 4                    # virtio device ID (4 = entropy source)
         num_queues = 1
 
-        def process_burst(self, queue, table, mem, views):
-            chains = queue.pop_burst(table)            # Python API (slow, simple), or
-            ...                                        # compiled kernels on (mem, q, views)
-            notify = queue.push_used(table, [(c.head, 0) for c in chains]) if chains else False
-            return len(chains), notify
+        def handle(self, queue: int, request: pyvhost.Request) -> int:
+            n = request.writable_size
+            request.write(b"PYVHOST!" * (n // 8) + b"PYVHOST!"[: n % 8])
+            return n                     # the used length: bytes written for the driver
 
-Contract of `process_burst(queue, table, mem, views) -> (done, notify)`:
-- It is called by a worker thread inside an epoch (`WorkerEpoch.enter/leave`), only while the
-  ring is started and enabled; `table` is the memory snapshot for this burst, `mem` its kernel
-  form (`KernelMemory`), `views` the ring views `queue.round_views(table)` chose this round.
-  Nothing derived from them may be kept after returning (it would pin unmapped memory).
-- It processes a bounded amount of work (one burst, or a few: the bound is how long a memory
-  change may have to wait), adds and *publishes* used elements (used->idx), and returns the
-  number of chains it completed and whether the driver wants an interrupt now. Whoever
-  publishes decides (`kernels.needs_interrupt` right after publishing; it updates the
-  event-index state, so asking twice would lose interrupts); the worker signals the call fd.
-- Bad guest input breaks the queue (`queue.broken`); the daemon stops and reports it.
+`pyvhost run MODULE:Pattern --socket-path PATH` serves it (see docs/devices.md).
 
-A device whose compiled kernels can keep polling a ring sets `polls_in_kernel`; the worker
-then passes `window=` (a `ring.poll.PollWindow`) to process_burst and discard_burst, and the
-call may go on bursting, and polling an empty ring when the window says so, for the window's
-cycles, returning after any burst when `window.leave[0]` is set (a grace period waits) or the
-driver wants an interrupt. Called without a window, it drains what is there and returns.
+Three tiers, each for what it needs:
+1. `handle(queue, request) -> used_len`: one request (descriptor chain) at a time, in Python,
+   inside the worker's burst. It must be quick: a memory-map change waits for the burst.
+2. Deferred completion: `pending = request.defer()` inside `handle()`, then
+   `pending.complete(used_len)` later, from any thread (an I/O thread, a watched fd's
+   callback). The request's guest memory stays mapped until then, however the memory table
+   changes meanwhile; grace periods never wait for it. A ring that stops (GET_VRING_BASE,
+   reset, disconnect) first waits for its deferred requests to complete.
+3. `process_burst(queue, table, mem, views) -> (done, notify)`: a whole burst in compiled code
+   on the ring itself (net's data path). A device that overrides it for some rings says which
+   in `uses_burst_kernel(index)`; the others go through `handle()`.
 
-A ring that is started but disabled runs `discard_burst` instead, only if
-`runs_when_disabled(index)` says so (a net TX ring must consume and drop, vhost-user "Ring
-states"); by default a disabled ring is not touched at all.
+Which thread calls what: `handle()`, `process_burst()` and `discard_burst()` run in a worker
+thread (one per `--workers`; a ring always on the same worker); `on_queue_started/stopped`,
+`set_features`, `get_config/set_config`, `reset`, `frontend_message` in the connection's
+protocol thread; watched-fd callbacks in the connection's event thread; `stats()` from any.
+
+An exception raised by `handle()` (or a bad chain from the guest) breaks only that queue: it
+stops, the device status gets NEEDS_RESET, the queue's error eventfd is signalled and the
+error is logged; the worker and every other queue go on.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Sequence
+import collections
+import ctypes
+import logging
+import struct
+import threading
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
+import numpy as np
+
+from pyvhost.memory.guest_memory import TablePin
 from pyvhost.memory.table import KernelMemory, RegionTable
+from pyvhost.ring import kernels as K
+from pyvhost.ring.chains import ChainScratch
 from pyvhost.ring.direct_map import RingViews
 from pyvhost.ring.layout import MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1
 from pyvhost.ring.split_queue import SplitQueue
+
+if TYPE_CHECKING:
+    from pyvhost.protocol import FrontendRequest, Payload
+
+__all__ = ["ConfigError", "Device", "Pending", "Request", "RequestError"]
+
+log = logging.getLogger(__name__)
+
+_memmove = ctypes.memmove
+_string_at = ctypes.string_at
 
 
 class ConfigError(ValueError):
     """A GET_CONFIG/SET_CONFIG the device refuses (range outside its space, read-only field)."""
 
 
+class RequestError(Exception):
+    """A device used a request wrongly (wrote past its buffers, used it after completing it).
+    Raised inside `handle()` it breaks the queue like any other exception."""
+
+
+# Request states.
+_OPEN, _DEFERRED, _CLOSED = 0, 1, 2
+
+
+class Request:
+    """One descriptor chain, as the device sees it: device-readable bytes, then device-writable
+    buffers (virtio 1.x 2.7.4). Sizes are the guest's, already checked; every read and write
+    is bounds-checked against them. Valid inside `handle()`, or until `complete()` once
+    deferred; any later use raises RequestError. Nothing of guest memory outlives it: the
+    memoryviews it handed out are released when it ends."""
+
+    __slots__ = ("queue", "head", "readable_size", "writable_size", "_hosts", "_gpas", "_lens",
+                 "_p0", "_pw", "_p1", "_state", "_views", "_runner", "_generation")
+
+    def __init__(self, queue: int, head: int, readable_size: int, writable_size: int,
+                 hosts: list[int], gpas: list[int], lens: list[int], p0: int, pw: int,
+                 p1: int) -> None:
+        #: The queue index and the chain's head descriptor index.
+        self.queue = queue
+        self.head = head
+        #: Bytes in the device-readable buffers, and in the device-writable ones.
+        self.readable_size = readable_size
+        self.writable_size = writable_size
+        self._hosts = hosts
+        self._gpas = gpas
+        self._lens = lens
+        self._p0 = p0   # pieces [p0, pw) are readable, [pw, p1) writable
+        self._pw = pw
+        self._p1 = p1
+        self._state = _OPEN
+        self._views: list[memoryview] | None = None
+        self._runner: RequestRunner | None = None
+        self._generation = 0
+
+    def __repr__(self) -> str:
+        return (f"Request(queue={self.queue}, head={self.head}, readable={self.readable_size}, "
+                f"writable={self.writable_size})")
+
+    # -- reading the driver's bytes --
+
+    def read(self, size: int = -1, offset: int = 0) -> bytes:
+        """`size` device-readable bytes from `offset` (all of them by default)."""
+        self._check_open()
+        if size < 0:
+            size = self.readable_size - offset
+        _check_range("read", offset, size, self.readable_size)
+        p0, pw = self._p0, self._pw
+        if p0 + 1 == pw and size:  # one buffer: the common case
+            return _string_at(self._hosts[p0] + offset, size)
+        return b"".join(_string_at(h, n) for h, n in self._pieces(p0, pw, offset, size))
+
+    def read_struct(self, fmt: struct.Struct | str, offset: int = 0) -> tuple[Any, ...]:
+        """Unpack a struct (little-endian unless `fmt` says otherwise) from the readable bytes."""
+        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(
+            fmt if fmt[:1] in "<>!=@" else "<" + fmt)
+        return s.unpack(self.read(s.size, offset))
+
+    # -- writing for the driver --
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Write `data` into the device-writable buffers at `offset`, in order across buffers.
+        Returns len(data). Writing past the writable bytes raises RequestError."""
+        self._check_open()
+        n = len(data)
+        _check_range("write", offset, n, self.writable_size)
+        pw, p1 = self._pw, self._p1
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if pw + 1 == p1:
+            if n:
+                _memmove(self._hosts[pw] + offset, data, n)
+            return n
+        pos = 0
+        for host, take in self._pieces(pw, p1, offset, n):
+            _memmove(host, data[pos:pos + take], take)
+            pos += take
+        return n
+
+    # -- zero-copy access (I/O straight into and out of guest memory) --
+
+    def readable_iovecs(self, offset: int = 0, size: int = -1) -> list[tuple[int, int]]:
+        """(host address, length) pieces of the readable bytes [offset, offset+size): for
+        preadv/pwritev or io_uring. Valid while the request is (the table is pinned)."""
+        self._check_open()
+        if size < 0:
+            size = self.readable_size - offset
+        _check_range("readable_iovecs", offset, size, self.readable_size)
+        return list(self._pieces(self._p0, self._pw, offset, size))
+
+    def writable_iovecs(self, offset: int = 0, size: int = -1) -> list[tuple[int, int]]:
+        """(host address, length) pieces of the writable bytes [offset, offset+size); e.g.
+        a block device's data buffers are `writable_iovecs(0, writable_size - 1)` and its
+        status byte `write(bytes([status]), writable_size - 1)`."""
+        self._check_open()
+        if size < 0:
+            size = self.writable_size - offset
+        _check_range("writable_iovecs", offset, size, self.writable_size)
+        return list(self._pieces(self._pw, self._p1, offset, size))
+
+    def readable_views(self) -> list[memoryview]:
+        """The readable buffers as read-only memoryviews (released when the request ends)."""
+        return [self._view(h, n).toreadonly() for h, n in self.readable_iovecs()]
+
+    def writable_views(self) -> list[memoryview]:
+        """The writable buffers as memoryviews (released when the request ends)."""
+        return [self._view(h, n) for h, n in self.writable_iovecs()]
+
+    def _view(self, host: int, n: int) -> memoryview:
+        view = memoryview((ctypes.c_char * n).from_address(host)).cast("B")
+        if self._views is None:
+            self._views = []
+        self._views.append(view)
+        return view
+
+    # -- deferred completion --
+
+    def defer(self) -> "Pending":
+        """Complete this request later (from any thread) instead of by returning from
+        `handle()`: returns the handle to complete it with. Its guest memory stays mapped
+        until then."""
+        self._check_open()
+        runner = self._runner
+        if runner is None:
+            raise RequestError("this request is not served by a ring (cannot defer)")
+        return runner.defer(self)
+
+    # -- internals --
+
+    def _check_open(self) -> None:
+        if self._state == _CLOSED:
+            raise RequestError(f"{self!r} was already completed")
+
+    def _pieces(self, a: int, b: int, offset: int, size: int):
+        """Host pieces covering [offset, offset+size) of pieces a..b."""
+        hosts, lens = self._hosts, self._lens
+        for p in range(a, b):
+            if size <= 0:
+                return
+            ln = lens[p]
+            if offset >= ln:
+                offset -= ln
+                continue
+            take = min(ln - offset, size)
+            yield hosts[p] + offset, take
+            offset = 0
+            size -= take
+
+    def _detach(self) -> None:
+        """Own copies of the batch's pieces (the batch arrays are reused next burst)."""
+        p0, p1 = self._p0, self._p1
+        self._hosts = self._hosts[p0:p1]
+        self._gpas = self._gpas[p0:p1]
+        self._lens = self._lens[p0:p1]
+        self._pw -= p0
+        self._p1 -= p0
+        self._p0 = 0
+
+    def _close(self) -> None:
+        self._state = _CLOSED
+        if self._views is not None:
+            for v in self._views:
+                v.release()
+            self._views = None
+
+
+def _check_range(what: str, offset: int, size: int, limit: int) -> None:
+    if offset < 0 or size < 0 or offset + size > limit:
+        raise RequestError(f"{what} of {size} bytes at offset {offset} outside the "
+                           f"{limit} bytes the driver gave")
+
+
+class Pending:
+    """A deferred request. `complete(used_len)` may be called once, from any thread."""
+
+    __slots__ = ("request", "_runner", "_pin")
+
+    def __init__(self, request: Request, runner: "RequestRunner", pin: TablePin) -> None:
+        self.request = request
+        self._runner = runner
+        self._pin = pin
+
+    def complete(self, used_len: int) -> None:
+        """The device is done with the request: `used_len` bytes were written for the driver.
+        pyvhost publishes the used element and interrupts the driver as it asks."""
+        self._runner.complete(self, used_len)
+
+    def __repr__(self) -> str:
+        return f"Pending({self.request!r})"
+
+
+# A watched fd's callback: called with the fd when it is readable (the connection's event thread).
+FdCallback = Callable[[int], None]
+
+
 class Device:
     """Base class of vhost-user devices. One instance serves one frontend connection."""
 
-    #: Short name for logs and statistics.
+    #: Short name for logs, statistics and --print-capabilities ("type" in vhost-user.json).
     name: ClassVar[str] = "device"
-    #: Virtio feature bits offered to the driver (the daemon adds its own transport bits).
+    #: Virtio device ID (virtio 1.x 5: 1 net, 2 block, 4 entropy, ...).
+    device_id: ClassVar[int] = 0
+    #: Virtio feature bits offered to the driver (pyvhost adds its transport bits).
     device_features: int = 1 << VIRTIO_F_VERSION_1
     #: Protocol feature bits (a mask of `ProtocolFeature`) this device needs offered besides
-    #: the daemon's baseline, e.g. CONFIG for a device with config space, MQ for many queues.
+    #: pyvhost's baseline, e.g. MQ for a device with several queues.
     protocol_features: int = 0
     #: Queues the device has (GET_QUEUE_NUM); queue indices are 0 .. num_queues - 1.
     num_queues: int = 1
     #: Largest queue size the device accepts (a power of two).
     max_queue_size: int = MAX_QUEUE_SIZE
-    #: process_burst/discard_burst take `window=` and may keep polling (see above).
+    #: process_burst/discard_burst take `window=` and may keep polling (ring/poll.py).
     polls_in_kernel: ClassVar[bool] = False
 
     def __init__(self) -> None:
         #: Virtio features the frontend acknowledged (SET_FEATURES), transport bits included.
         self.features = 0
+        self._watches: dict[int, FdCallback] = {}
+        self._watch_changed: Callable[[], None] | None = None
 
-    # -- configuration ------------------------------------------------------------------------
+    # -- tier 1 and 2: one request at a time ---------------------------------------------------
+
+    def handle(self, queue: int, request: Request) -> int | None:
+        """Serve one request; return the used length (bytes written for the driver), or
+        anything after `request.defer()` (the used length then comes with `complete()`)."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither handle() nor "
+                                  "process_burst()")
+
+    # -- tier 3: compiled bursts on the ring ---------------------------------------------------
+
+    def uses_burst_kernel(self, index: int) -> bool:
+        """Whether ring `index` runs `process_burst` (else `handle()` per request)."""
+        return type(self).process_burst is not Device.process_burst
+
+    def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                      views: RingViews) -> tuple[int, bool]:
+        """Run one bounded burst on the ring: pop, process, add used elements and publish
+        them; return (chains completed, whether the driver wants an interrupt now), which
+        `ring.kernels.needs_interrupt` decides right after publishing (asking twice would
+        lose interrupts). Inside the worker's epoch: keep nothing derived from table, mem or
+        views. Bad guest input breaks the queue (`queue.broken`)."""
+        raise NotImplementedError
+
+    def runs_when_disabled(self, index: int) -> bool:
+        """A started but disabled ring runs `discard_burst` when this says so (a net TX ring
+        must consume and drop, vhost-user "Ring states"); by default it is not touched."""
+        return False
+
+    def discard_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                      views: RingViews) -> tuple[int, bool]:
+        """Consume a burst without side effects (started but disabled ring)."""
+        return 0, False
+
+    # -- configuration -------------------------------------------------------------------------
 
     @property
     def config(self) -> bytes:
@@ -92,33 +350,45 @@ class Device:
     def set_features(self, features: int) -> None:
         self.features = features
 
-    # -- rings -------------------------------------------------------------------------------
-
-    def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
-                      views: RingViews) -> tuple[int, bool]:
-        raise NotImplementedError
-
-    def runs_when_disabled(self, index: int) -> bool:
+    def frontend_message(self, request: "FrontendRequest", payload: "Payload") -> bool:
+        """A device-specific vhost-user request (e.g. SEND_RARP, NET_SET_MTU): True if the
+        device accepts it; the default refuses every one."""
         return False
 
-    def discard_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
-                      views: RingViews) -> tuple[int, bool]:
-        """Consume a burst without side effects (started but disabled ring)."""
-        return 0, False
+    # -- life cycle and other hooks ------------------------------------------------------------
+
+    def warm_up(self) -> None:
+        """Compile (or load from numba's cache) the kernels this device runs, before a
+        frontend arrives: a burst that compiles holds its worker for seconds."""
+        warm_up_request_kernels()
 
     def extra_wait_fds(self, index: int) -> Sequence[int]:
         """Fds whose readability means ring `index` has work that does not come from the
-        driver (e.g. a TAP holding frames for an RX ring). A worker going idle polls them
-        beside the kick fds, then runs the ring; the next burst must consume what made them
-        readable (read the TAP, drain the eventfd), or the worker wakes again at once. They
-        must stay open while the ring can run."""
+        driver (e.g. a TAP holding frames for an RX ring). An idle worker polls them beside
+        the kick fds, then runs the ring; the next burst must consume what made them readable.
+        They must stay open while the ring can run."""
         return ()
+
+    def watch(self, fd: int, callback: FdCallback) -> None:
+        """Call `callback(fd)` in the connection's event thread whenever `fd` is readable (an
+        io_uring or timer eventfd...); the callback must consume what made it readable."""
+        self._watches[fd] = callback
+        if self._watch_changed is not None:
+            self._watch_changed()
+
+    def unwatch(self, fd: int) -> None:
+        if self._watches.pop(fd, None) is not None and self._watch_changed is not None:
+            self._watch_changed()
+
+    @property
+    def watched(self) -> dict[int, FdCallback]:
+        return dict(self._watches)
 
     def on_queue_started(self, queue: SplitQueue) -> None:
         """The ring is about to run (protocol thread; no worker runs it yet)."""
 
     def on_queue_stopped(self, queue: SplitQueue) -> None:
-        """The ring stopped; no worker runs it any more (protocol thread)."""
+        """The ring stopped; no worker runs it any more and its deferred requests are done."""
 
     def reset(self) -> None:
         """Back to the state of a new device (RESET_DEVICE, status 0, disconnect)."""
@@ -127,3 +397,181 @@ class Device:
     def stats(self) -> dict[str, Any]:
         """Counters for the statistics line and --stats-json (plain JSON values)."""
         return {}
+
+
+class RequestRunner:
+    """Serves one ring through `Device.handle()`: pops a burst into `Request`s, calls the
+    device, publishes what it completed at once, and what it completes later (deferred) in
+    the ring's next round on its worker, the only thread that writes the used ring while the
+    ring runs."""
+
+    def __init__(self, device: Device, queue: SplitQueue, pin: Callable[[RegionTable], TablePin],
+                 wake: Callable[[], None]) -> None:
+        self.device = device
+        self.queue = queue
+        self._pin = pin
+        self._wake = wake
+        self.scratch = ChainScratch(queue.max_burst, max(queue.size, 1))
+        self._inbox: collections.deque[tuple[int, int, Pending]] = collections.deque()
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self.in_flight = 0        # deferred, not yet completed
+        self.generation = 0       # bumped when the ring stops: later completions are stale
+        self.requests = 0
+        self.deferred = 0
+        self.stale = 0
+
+    def resize(self, queue_size: int) -> None:
+        self.scratch = ChainScratch(self.queue.max_burst, max(queue_size, 1))
+
+    # -- worker thread --
+
+    def serve(self, table: RegionTable, mem: KernelMemory, views: RingViews) -> tuple[int, bool]:
+        queue = self.queue
+        q = queue.q
+        self._table_of_burst = table
+        done, notify = self._flush(mem, views) if self._inbox else (0, False)
+        s = self.scratch
+        n = s.pop(mem, q, views, queue.max_burst)
+        if n <= 0:
+            return done, notify
+        self.requests += n
+        hosts = s.piece_host[:s.piece_end[n - 1]].tolist()
+        gpas = s.piece_gpa[:s.piece_end[n - 1]].tolist()
+        lens = s.piece_len[:s.piece_end[n - 1]].tolist()
+        heads = s.heads[:n].tolist()
+        ends = s.piece_end[:n].tolist()
+        firsts = s.first_writable[:n].tolist()
+        rsizes = s.readable[:n].tolist()
+        wsizes = s.writable[:n].tolist()
+        handle = self.device.handle
+        index = queue.index
+        used_heads: list[int] = []
+        used_lens: list[int] = []
+        failure = None
+        p0 = 0
+        for k in range(n):
+            req = Request(index, heads[k], rsizes[k], wsizes[k], hosts, gpas, lens, p0,
+                          firsts[k], ends[k])
+            p0 = ends[k]
+            req._runner = self
+            try:
+                used = handle(index, req)
+                if req._state == _DEFERRED:
+                    continue
+                if type(used) is not int or not 0 <= used <= req.writable_size:
+                    raise RequestError(f"handle() returned used length {used!r}; it must be "
+                                       f"an int in 0..{req.writable_size} (the writable bytes)")
+            except Exception as exc:  # the device's fault: this queue only
+                failure = exc
+                if req._state == _OPEN:
+                    req._close()
+                break
+            req._close()
+            used_heads.append(req.head)
+            used_lens.append(used)
+        if used_heads:
+            notify = self._publish(mem, views, used_heads, used_lens) or notify
+        if failure is not None:
+            queue.fail_device(f"{type(self.device).__name__}.handle() raised "
+                              f"{type(failure).__name__}: {failure}", failure)
+        return done + n, notify
+
+    def _publish(self, mem: KernelMemory, views: RingViews, heads: list[int],
+                 lens: list[int]) -> bool:
+        n = len(heads)
+        r = K.push_used_burst(mem, self.queue.q, views, np.array(heads, dtype=np.int64),
+                              np.array(lens, dtype=np.int64), n)
+        return bool(r == 1)
+
+    def _flush(self, mem: KernelMemory, views: RingViews) -> tuple[int, bool]:
+        """Publish the deferred requests completed since the last round."""
+        items = []
+        inbox = self._inbox
+        while inbox:
+            items.append(inbox.popleft())
+        if not items:
+            return 0, False
+        notify = self._publish(mem, views, [h for h, _, _ in items], [ln for _, ln, _ in items])
+        for _, _, pending in items:
+            pending._pin.release()
+        with self._lock:
+            self.in_flight -= len(items)
+            if self.in_flight == 0:
+                self._idle.notify_all()
+        return len(items), notify
+
+    def defer(self, request: Request) -> Pending:
+        if self.queue.q[K.Q_FLAGS] & K.F_IN_ORDER:
+            raise RequestError("defer() with VIRTIO_F_IN_ORDER negotiated: deferred requests "
+                               "may complete out of order (do not offer IN_ORDER)")
+        request._detach()
+        request._state = _DEFERRED
+        request._generation = self.generation
+        with self._lock:
+            self.in_flight += 1
+        self.deferred += 1
+        return Pending(request, self, self._pin(self._table_of_burst))
+
+    # The table of the burst in progress (set by the worker before serve, read by defer).
+    _table_of_burst: RegionTable
+
+    # -- any thread --
+
+    def complete(self, pending: Pending, used_len: int) -> None:
+        req = pending.request
+        if req._state != _DEFERRED:
+            raise RequestError(f"{req!r} completed twice")
+        if type(used_len) is not int or not 0 <= used_len <= req.writable_size:
+            raise RequestError(f"used length {used_len!r} outside 0..{req.writable_size}")
+        req._close()
+        with self._lock:
+            if req._generation != self.generation:  # the ring stopped without it: drop it
+                self.stale += 1
+                stale = True
+            else:
+                stale = False
+                self._inbox.append((req.head, used_len, pending))
+                self._idle.notify_all()
+        if stale:
+            pending._pin.release()
+            log.error("queue %d: request at head %d completed after its ring stopped; dropped",
+                      self.queue.index, req.head)
+            return
+        self._wake()
+
+    # -- protocol thread, ring stopped (no worker runs it) --
+
+    def drain(self, table: RegionTable, mem: KernelMemory, views: RingViews,
+              timeout: float) -> tuple[int, bool]:
+        """Wait (bounded) for the deferred requests to complete, publish them; requests still
+        in flight after `timeout` are abandoned (their completion is dropped)."""
+        with self._lock:
+            if not self._idle.wait_for(lambda: self.in_flight == len(self._inbox), timeout):
+                log.error("queue %d: %d deferred requests did not complete within %.1fs; "
+                          "abandoned", self.queue.index, self.in_flight - len(self._inbox),
+                          timeout)
+        done, notify = self._flush(mem, views) if self._inbox else (0, False)
+        with self._lock:
+            self.generation += 1
+            self.in_flight = 0
+        return done, notify
+
+    def stats(self) -> dict[str, int]:
+        return {"requests": self.requests, "deferred": self.deferred,
+                "in_flight": self.in_flight}
+
+
+def warm_up_request_kernels() -> None:
+    """Compile the kernels `RequestRunner` calls (pop into pieces, publish, notifications)."""
+    from pyvhost.ring.direct_map import NO_VIEWS
+    mem = RegionTable().kernel()
+    q = SplitQueue(0)
+    q.set_size(1)
+    ChainScratch(1, 1).pop(mem, q.q, NO_VIEWS, 1)
+    q.q[:] = 0
+    q.set_size(1)
+    empty = np.zeros(1, dtype=np.int64)
+    K.push_used_burst(mem, q.q, NO_VIEWS, empty, empty, 0)
+    K.enable_notification(mem, q.q, NO_VIEWS)
+    K.disable_notification(mem, q.q, NO_VIEWS)

@@ -16,7 +16,10 @@ Ring life cycle ("Ring states"): a ring starts when it gets its kick fd (or NOFD
 VRING_KICK) and stops on GET_VRING_BASE, RESET_DEVICE, SET_STATUS 0 or disconnect. It is
 enabled by SET_VRING_ENABLE, or at start when VHOST_USER_F_PROTOCOL_FEATURES was not
 negotiated. Workers only look at `Vring.running`; this thread clears it and waits a grace
-period (`_stop_worker_use`) before it touches a ring the workers may be running.
+period (`_stop_worker_use`) before it touches a ring the workers may be running. A ring served
+through `Device.handle()` that stops also waits (bounded by `drain_timeout`) for its deferred
+requests and publishes them before the reply: GET_VRING_BASE then reports an index every
+request before it has been answered for.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from pyvhost.daemon.eventfd import EventFd, NotAnEventFd
+from pyvhost.daemon.events import DeviceEvents
 from pyvhost.daemon.vring import Vring
 from pyvhost.daemon.worker import Worker, group_rings
-from pyvhost.device import ConfigError, Device
+from pyvhost.device import ConfigError, Device, RequestRunner
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.epoch import GraceTimeout
 from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
@@ -99,6 +103,7 @@ class BackendOptions:
     workers: int = 1
     max_burst: int = 256
     grace_timeout: float = 1.0
+    drain_timeout: float = 30.0    # a stopping ring waits this long for deferred requests
 
 
 Outgoing = tuple[bytes, Sequence[OwnedFd | int]]
@@ -123,6 +128,11 @@ class Backend:
                             on_broken=self._on_broken)
             self.workers.append(worker)
             self._worker_of.update((vr.index, worker) for vr in group)
+        for vr in self.vrings:
+            if not device.uses_burst_kernel(vr.index):
+                vr.runner = RequestRunner(device, vr.queue, self.memory.pin,
+                                          self._worker_of[vr.index].wake)
+        self.events = DeviceEvents(name, device)
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -161,8 +171,8 @@ class Backend:
             R.RESET_DEVICE: self._reset_device,
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
-            R.SEND_RARP: self._accept_net_only,
-            R.NET_SET_MTU: self._accept_net_only,
+            R.SEND_RARP: self._device_message,
+            R.NET_SET_MTU: self._device_message,
         }
 
     # -- the connection's entry points (protocol thread) ---------------------------------------
@@ -170,6 +180,7 @@ class Backend:
     def start(self) -> None:
         for worker in self.workers:
             worker.start()
+        self.events.start()
 
     def receive(self, data: bytes, fds: Sequence[OwnedFd]) -> list[Outgoing]:
         """Handle whatever complete requests `data` finishes; the bytes to send back.
@@ -276,10 +287,11 @@ class Backend:
     def _no_logging(self, msg: Message) -> None:
         raise RequestRefused("dirty logging (LOG_SHMFD) is not implemented")
 
-    def _accept_net_only(self, msg: Message) -> None:
-        if self.device.name != "net":
-            raise RequestRefused(f"not a net device ({self.device.name})")
-        log.info("%s: %s accepted (ignored)", self.name, msg.request.name)
+    def _device_message(self, msg: Message) -> None:
+        """A device-type-specific request: the device says whether it takes it."""
+        if not self.device.frontend_message(msg.request, msg.payload):  # type: ignore[arg-type]
+            raise RequestRefused(f"not taken by the {self.device.name} device")
+        log.info("%s: %s accepted by the device", self.name, msg.request.name)
 
     # -- memory ----------------------------------------------------------------------------------
 
@@ -432,6 +444,8 @@ class Backend:
         # Continue from the used index the guest's memory holds (a ring restarted after
         # GET_VRING_BASE, or a reconnect, must not rewind it).
         q.sync_used_from_ring(self.memory.table)
+        if vr.runner is not None:
+            vr.runner.resize(q.size)
         self.device.on_queue_started(q)
         self._worker_of[vr.index].ring_starting(vr)
         vr.started = True
@@ -444,8 +458,10 @@ class Backend:
         self._update(vr)
 
     def _stop_ring(self, vr: Vring) -> None:
-        """Stop: no worker runs the ring after this returns; its kick fd is closed."""
+        """Stop: no worker runs the ring after this returns, its deferred requests are
+        answered, its kick fd is closed."""
         self._stop_worker_use(vr)
+        self._drain(vr)
         if vr.started:
             vr.started = False
             self.device.on_queue_stopped(vr.queue)
@@ -456,6 +472,21 @@ class Backend:
         vr.queue.drop_views()
         if vr.queue.broken:
             vr.queue.reset()  # the frontend re-sends size, addresses and base to restart it
+
+    def _drain(self, vr: Vring) -> None:
+        """Publish the deferred requests of a ring no worker runs any more (waiting, bounded,
+        for those still in flight), and interrupt the driver if it asks."""
+        runner = vr.runner
+        if runner is None or not vr.started:
+            return
+        table = self.memory.table
+        done, notify = runner.drain(table, table.kernel(), vr.queue.round_views(table),
+                                    self.options.drain_timeout)
+        if done:
+            log.info("%s: queue %d: %d deferred requests answered before stopping", self.name,
+                     vr.index, done)
+        if notify and vr.call is not None:
+            vr.call.signal()
 
     def _update(self, vr: Vring) -> None:
         """Make `running`/`process` follow started/enabled/broken (race-free for workers)."""
@@ -583,6 +614,10 @@ class Backend:
         s["grace_timeouts"] = g.timeouts
         s["leaked_mappings"] = self.memory.leaked_mappings
         s["queues_broken"] = self.queues_broken
+        runners = [vr.runner.stats() for vr in self.vrings if vr.runner is not None]
+        for key in ("requests", "deferred", "in_flight"):
+            if runners:
+                s[f"device_{key}"] = sum(r[key] for r in runners)
         s["requests"] = self.requests
         s["requests_refused"] = self.refused
         return s
@@ -596,8 +631,11 @@ class Backend:
         for vr in self.vrings:
             vr.running = False
         self._grace()
+        for vr in self.vrings:
+            self._drain(vr)
         for worker in self.workers:
             worker.stop()
+        self.events.stop()
         for vr in self.vrings:
             if vr.started:
                 vr.started = False

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyvhost.daemon.eventfd import EventFd
+from pyvhost.device import RequestRunner
 from pyvhost.ring.split_queue import SplitQueue
 
 
@@ -35,7 +36,5 @@ class Vring:
     #: Worker-private: whether we asked the driver not to kick (a Python mirror of the ring).
     notify_off: bool = False
     broken_reported: bool = False
-
-    def describe(self) -> str:
-        state = "started" if self.started else "stopped"
-        return f"queue {self.index} ({state}, {'enabled' if self.enabled else 'disabled'})"
+    #: Serves the ring through Device.handle() (None: the device's process_burst does).
+    runner: RequestRunner | None = None

@@ -6,7 +6,13 @@ waits a grace period is then sure no burst is still using the ring), loads the m
 once, picks this round's metadata path (`round_views`), lets the device run one burst (which
 says whether the driver wants an interrupt; the worker then signals the call fd), and leaves
 the epoch. Nothing read inside the
-epoch survives it (the round is a function; its locals die on return).
+epoch survives it (the round is a function; its locals die on return), except what a deferred
+request pins (`GuestMemory.pin`) until it completes.
+
+A ring runs either the device's compiled `process_burst` or its `RequestRunner` (one
+`Device.handle()` call per request, deferred completions published in the ring's next round;
+completing one wakes the worker). An exception out of either breaks that ring only (the
+queue's DEVICE_FAILED state, reported like a ring the guest broke); the loop goes on.
 
 Two modes:
 - busy-poll: kick notifications are switched off once per ring start (VRING_USED_F_NO_NOTIFY,
@@ -221,11 +227,13 @@ class Worker:
             if self.poll_mode and not vr.notify_off:
                 K.disable_notification(mem, queue.q, views)
                 vr.notify_off = True
-            burst = self.device.process_burst if vr.process else self.device.discard_burst
-            if self.device.polls_in_kernel:
-                done, notify = burst(queue, table, mem, views, window=window)
-            else:
-                done, notify = burst(queue, table, mem, views)
+            try:
+                done, notify = self._burst(vr, table, mem, views, window)
+            except Exception as exc:  # the device's code: break this ring only
+                if not queue.broken:  # (a RingError of the Python queue API: broken already)
+                    queue.fail_device(f"{type(self.device).__name__} raised "
+                                      f"{type(exc).__name__}: {exc}", exc)
+                done, notify = 0, False
             if queue.broken:
                 vr.running = False
             elif done > 0:
@@ -245,6 +253,17 @@ class Worker:
             epoch.leave()
         self._on_broken(vr)  # outside the epoch: it logs and signals
         return False
+
+    def _burst(self, vr: Vring, table, mem, views, window: PollWindow) -> tuple[int, bool]:
+        queue = vr.queue
+        if vr.runner is not None:
+            if vr.process:
+                return vr.runner.serve(table, mem, views)
+            return self.device.discard_burst(queue, table, mem, views)
+        burst = self.device.process_burst if vr.process else self.device.discard_burst
+        if self.device.polls_in_kernel:
+            return burst(queue, table, mem, views, window=window)
+        return burst(queue, table, mem, views)
 
     def _idle_wait(self) -> None:
         poller = select.poll()

@@ -3,7 +3,8 @@
 A command is one chain: device-readable `struct virtio_net_ctrl { u8 class; u8 command;
 u8 data[]; }`, then one device-writable byte the device sets to VIRTIO_NET_OK or
 VIRTIO_NET_ERR. Commands are rare (a Linux guest sends a handful when its interface comes up
-or changes filters), so this runs on the Python queue API, not a compiled kernel.
+or changes filters), so the queue is served through the device API (`Device.handle`), not a
+compiled kernel; a bad chain or a failure here breaks this queue only.
 
 What is accepted (each only when its feature bit was negotiated, as 5.1.6.5 ties them):
 
@@ -29,8 +30,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
-from pyvhost.memory.table import RegionTable
-from pyvhost.ring.split_queue import SplitQueue
+from pyvhost.device import Request
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,6 @@ CTRL_MQ_VQ_PAIRS_MAX = 0x8000
 
 # A command carries at most two MAC tables; bound what is read from the guest.
 MAX_COMMAND_BYTES = 64 * 1024
-# Commands handled per process() call (bounds one burst).
-MAX_COMMANDS_PER_CALL = 64
 
 
 @dataclass
@@ -93,26 +91,16 @@ class ControlQueue:
     def reset(self) -> None:
         self.state = CtrlState()
 
-    def process(self, queue: SplitQueue, table: RegionTable) -> tuple[int, bool]:
-        """Answer up to MAX_COMMANDS_PER_CALL commands; (commands done, interrupt?)."""
-        used: list[tuple[int, int]] = []
-        for _ in range(MAX_COMMANDS_PER_CALL):
-            chain = queue.pop_descriptor_chain(table)  # raises RingError on a broken ring
-            if chain is None:
-                break
-            readable = sum(s.length for s in chain.readable)
-            if readable > MAX_COMMAND_BYTES:
-                ack = self._error("command of %d bytes is too long", readable)
-            else:
-                ack = self.handle(chain.read(table))
-            if chain.writable:
-                used.append((chain.head, chain.write(table, bytes([ack]))))
-            else:
-                self._error("command chain has no writable ack byte")
-                used.append((chain.head, 0))
-        if not used:
-            return 0, False
-        return len(used), queue.push_used(table, used)
+    def serve(self, request: Request) -> int:
+        """Answer one command (a request of the device API); returns the used length."""
+        if request.readable_size > MAX_COMMAND_BYTES:
+            ack = self._error("command of %d bytes is too long", request.readable_size)
+        else:
+            ack = self.handle(request.read())
+        if request.writable_size == 0:
+            self._error("command chain has no writable ack byte")
+            return 0
+        return request.write(bytes([ack]))
 
     # -- commands ----------------------------------------------------------------------------
 

@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 
 from pyvhost.devices.net import tx_drop as NK
-from pyvhost.device import Device
+from pyvhost.device import Device, Request
 from pyvhost.devices.net.ctrl import (VIRTIO_NET_F_CTRL_MAC_ADDR, VIRTIO_NET_F_CTRL_RX,
                                       VIRTIO_NET_F_GUEST_ANNOUNCE, ControlQueue)
-from pyvhost.devices.net.endpoints import SINK_KINDS, Endpoints, NetIo
+from pyvhost.devices.net.endpoints import Endpoints, NetIo
 from pyvhost.memory.table import KernelMemory, RegionTable
+from pyvhost.protocol import FrontendRequest, Payload
 from pyvhost.protocol.constants import ProtocolFeature
 from pyvhost.ring.direct_map import NO_VIEWS, RingViews
 from pyvhost.ring.jit import overload_entry
@@ -45,10 +46,6 @@ VIRTIO_NET_F_CTRL_VQ = 17
 VIRTIO_NET_F_MQ = 22
 
 VIRTIO_NET_S_LINK_UP = 1
-# struct virtio_net_hdr with VERSION_1 (num_buffers always present): 12 bytes (5.1.6).
-NET_HDR_SIZE = NK.VIRTIO_NET_HDR_LEN
-
-SINKS = SINK_KINDS  # "drop", "tap:NAME", "pcap:FILE" (endpoints.parse_endpoint)
 
 DEFAULT_MAC = b"\x52\x54\x00\x12\x34\x56"
 
@@ -73,6 +70,7 @@ class TxScratch:
 
 class NetDevice(Device):
     name = "net"
+    device_id = 1
     # IN_ORDER (2.7.9): every queue uses its buffers in the order they were made available
     # (TX chains are popped and completed in turn, RX frames fill chains in turn, and a frame
     # that does not fit gives its chains back unused), so it is offered: DPDK's virtio PMD
@@ -136,6 +134,18 @@ class NetDevice(Device):
         self.mac = self._initial_mac
         self.io.reset()
 
+    def warm_up(self) -> None:
+        """The TX drop burst and the ring calls around it, the frame kernels when a sink or
+        source uses them, and the request path the control queue takes."""
+        super().warm_up()
+        q = SplitQueue(1)
+        q.set_size(1)
+        table = RegionTable()
+        self.process_burst(q, table, table.kernel(), NO_VIEWS)
+        if self.io.gathers_tx or self.io.source is not None:
+            from pyvhost.devices.net.endpoints import warm_up
+            warm_up()
+
     def extra_wait_fds(self, index: int) -> tuple[int, ...]:
         return self.io.extra_wait_fds(index)  # a TAP or loopback feeding RX ring `index`
 
@@ -148,11 +158,20 @@ class NetDevice(Device):
             self._scratch[queue.index].resize(queue.size)
         self.io.on_queue_started(queue)
 
+    def uses_burst_kernel(self, index: int) -> bool:
+        return index != self.ctrl_index  # the control queue: handle(), one command a request
+
+    def handle(self, queue: int, request: Request) -> int:
+        return self.ctrl.serve(request)
+
+    def frontend_message(self, request: FrontendRequest, payload: Payload) -> bool:
+        # QEMU sends SEND_RARP after migration (without GUEST_ANNOUNCE) and NET_SET_MTU with
+        # host_mtu; the frames and the MTU are the frontend's business here: accepted.
+        return request in (FrontendRequest.SEND_RARP, FrontendRequest.NET_SET_MTU)
+
     def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
                       views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
         window = window or self._one_pass
-        if queue.index == self.ctrl_index:
-            return self.ctrl.process(queue, table)
         if not self.is_tx(queue.index):
             mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
             return self.io.process_rx(queue, mem, views, mergeable, window)
