@@ -42,11 +42,10 @@ error is logged; the worker and every other queue go on.
 from __future__ import annotations
 
 import collections
-import ctypes
 import logging
 import struct
 import threading
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 
 import numpy as np
 
@@ -65,8 +64,6 @@ __all__ = ["ConfigError", "Device", "Pending", "Request", "RequestError"]
 
 log = logging.getLogger(__name__)
 
-_memmove = ctypes.memmove
-_string_at = ctypes.string_at
 
 
 class ConfigError(ValueError):
@@ -82,6 +79,29 @@ class RequestError(Exception):
 _OPEN, _DEFERRED, _CLOSED = 0, 1, 2
 
 
+class _Pieces:
+    """A burst's chains as pieces (ring/chains.py), as Python lists, shared by its requests:
+    piece p lies in region `regions[p]` at `offsets[p]` (host address `hosts[p]`, guest-physical
+    `gpas[p]`), `lens[p]` bytes; `views` are the burst table's region memoryviews."""
+
+    __slots__ = ("regions", "offsets", "hosts", "gpas", "lens", "views", "runner")
+
+    def __init__(self, regions: list[int], offsets: list[int], hosts: list[int],
+                 gpas: list[int], lens: list[int], views: list[memoryview],
+                 runner: "RequestRunner | None") -> None:
+        self.regions = regions
+        self.offsets = offsets
+        self.hosts = hosts
+        self.gpas = gpas
+        self.lens = lens
+        self.views = views
+        self.runner = runner
+
+    def slice(self, a: int, b: int) -> "_Pieces":
+        return _Pieces(self.regions[a:b], self.offsets[a:b], self.hosts[a:b], self.gpas[a:b],
+                       self.lens[a:b], self.views, self.runner)
+
+
 class Request:
     """One descriptor chain, as the device sees it: device-readable bytes, then device-writable
     buffers (virtio 1.x 2.7.4). Sizes are the guest's, already checked; every read and write
@@ -89,28 +109,23 @@ class Request:
     deferred; any later use raises RequestError. Nothing of guest memory outlives it: the
     memoryviews it handed out are released when it ends."""
 
-    __slots__ = ("queue", "head", "readable_size", "writable_size", "_hosts", "_gpas", "_lens",
-                 "_p0", "_pw", "_p1", "_state", "_views", "_runner", "_generation")
+    __slots__ = ("queue", "head", "readable_size", "writable_size", "_b", "_p0", "_pw", "_p1",
+                 "_state", "_views")
 
     def __init__(self, queue: int, head: int, readable_size: int, writable_size: int,
-                 hosts: list[int], gpas: list[int], lens: list[int], p0: int, pw: int,
-                 p1: int) -> None:
+                 pieces: _Pieces, p0: int, pw: int, p1: int) -> None:
         #: The queue index and the chain's head descriptor index.
         self.queue = queue
         self.head = head
         #: Bytes in the device-readable buffers, and in the device-writable ones.
         self.readable_size = readable_size
         self.writable_size = writable_size
-        self._hosts = hosts
-        self._gpas = gpas
-        self._lens = lens
+        self._b = pieces
         self._p0 = p0   # pieces [p0, pw) are readable, [pw, p1) writable
         self._pw = pw
         self._p1 = p1
         self._state = _OPEN
         self._views: list[memoryview] | None = None
-        self._runner: RequestRunner | None = None
-        self._generation = 0
 
     def __repr__(self) -> str:
         return (f"Request(queue={self.queue}, head={self.head}, readable={self.readable_size}, "
@@ -120,14 +135,18 @@ class Request:
 
     def read(self, size: int = -1, offset: int = 0) -> bytes:
         """`size` device-readable bytes from `offset` (all of them by default)."""
-        self._check_open()
+        if self._state == _CLOSED:
+            raise RequestError(f"{self!r} was already completed")
         if size < 0:
             size = self.readable_size - offset
-        _check_range("read", offset, size, self.readable_size)
-        p0, pw = self._p0, self._pw
-        if p0 + 1 == pw and size:  # one buffer: the common case
-            return _string_at(self._hosts[p0] + offset, size)
-        return b"".join(_string_at(h, n) for h, n in self._pieces(p0, pw, offset, size))
+        if offset < 0 or offset + size > self.readable_size:
+            _range_error("read", offset, size, self.readable_size)
+        b, p0 = self._b, self._p0
+        if p0 + 1 == self._pw:  # one buffer: the common case
+            off = b.offsets[p0] + offset
+            return bytes(b.views[b.regions[p0]][off:off + size])
+        return b"".join(bytes(b.views[b.regions[p]][o:o + n])
+                        for p, o, n in self._pieces(p0, self._pw, offset, size))
 
     def read_struct(self, fmt: struct.Struct | str, offset: int = 0) -> tuple[Any, ...]:
         """Unpack a struct (little-endian unless `fmt` says otherwise) from the readable bytes."""
@@ -140,19 +159,20 @@ class Request:
     def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
         """Write `data` into the device-writable buffers at `offset`, in order across buffers.
         Returns len(data). Writing past the writable bytes raises RequestError."""
-        self._check_open()
+        if self._state == _CLOSED:
+            raise RequestError(f"{self!r} was already completed")
         n = len(data)
-        _check_range("write", offset, n, self.writable_size)
-        pw, p1 = self._pw, self._p1
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if pw + 1 == p1:
-            if n:
-                _memmove(self._hosts[pw] + offset, data, n)
+        if offset < 0 or offset + n > self.writable_size:
+            _range_error("write", offset, n, self.writable_size)
+        b, pw = self._b, self._pw
+        if pw + 1 == self._p1:  # one buffer: the common case
+            off = b.offsets[pw] + offset
+            b.views[b.regions[pw]][off:off + n] = data
             return n
+        src = memoryview(data).cast("B")
         pos = 0
-        for host, take in self._pieces(pw, p1, offset, n):
-            _memmove(host, data[pos:pos + take], take)
+        for p, o, take in self._pieces(pw, self._p1, offset, n):
+            b.views[b.regions[p]][o:o + take] = src[pos:pos + take]
             pos += take
         return n
 
@@ -161,36 +181,43 @@ class Request:
     def readable_iovecs(self, offset: int = 0, size: int = -1) -> list[tuple[int, int]]:
         """(host address, length) pieces of the readable bytes [offset, offset+size): for
         preadv/pwritev or io_uring. Valid while the request is (the table is pinned)."""
-        self._check_open()
-        if size < 0:
-            size = self.readable_size - offset
-        _check_range("readable_iovecs", offset, size, self.readable_size)
-        return list(self._pieces(self._p0, self._pw, offset, size))
+        return self._iovecs(self._p0, self._pw, offset, size, self.readable_size)
 
     def writable_iovecs(self, offset: int = 0, size: int = -1) -> list[tuple[int, int]]:
         """(host address, length) pieces of the writable bytes [offset, offset+size); e.g.
         a block device's data buffers are `writable_iovecs(0, writable_size - 1)` and its
         status byte `write(bytes([status]), writable_size - 1)`."""
-        self._check_open()
-        if size < 0:
-            size = self.writable_size - offset
-        _check_range("writable_iovecs", offset, size, self.writable_size)
-        return list(self._pieces(self._pw, self._p1, offset, size))
+        return self._iovecs(self._pw, self._p1, offset, size, self.writable_size)
 
     def readable_views(self) -> list[memoryview]:
         """The readable buffers as read-only memoryviews (released when the request ends)."""
-        return [self._view(h, n).toreadonly() for h, n in self.readable_iovecs()]
+        return [v.toreadonly() for v in self._buffer_views(self._p0, self._pw)]
 
     def writable_views(self) -> list[memoryview]:
         """The writable buffers as memoryviews (released when the request ends)."""
-        return [self._view(h, n) for h, n in self.writable_iovecs()]
+        return self._buffer_views(self._pw, self._p1)
 
-    def _view(self, host: int, n: int) -> memoryview:
-        view = memoryview((ctypes.c_char * n).from_address(host)).cast("B")
+    def _iovecs(self, a: int, z: int, offset: int, size: int, limit: int
+                ) -> list[tuple[int, int]]:
+        if self._state == _CLOSED:
+            raise RequestError(f"{self!r} was already completed")
+        if size < 0:
+            size = limit - offset
+        if offset < 0 or offset + size > limit:
+            _range_error("iovecs", offset, size, limit)
+        b = self._b
+        return [(b.hosts[p] + o - b.offsets[p], n) for p, o, n in self._pieces(a, z, offset, size)]
+
+    def _buffer_views(self, a: int, z: int) -> list[memoryview]:
+        if self._state == _CLOSED:
+            raise RequestError(f"{self!r} was already completed")
+        b = self._b
+        views = [b.views[b.regions[p]][b.offsets[p]:b.offsets[p] + b.lens[p]]
+                 for p in range(a, z)]
         if self._views is None:
             self._views = []
-        self._views.append(view)
-        return view
+        self._views.extend(views)
+        return views
 
     # -- deferred completion --
 
@@ -198,66 +225,69 @@ class Request:
         """Complete this request later (from any thread) instead of by returning from
         `handle()`: returns the handle to complete it with. Its guest memory stays mapped
         until then."""
-        self._check_open()
-        runner = self._runner
+        if self._state != _OPEN:
+            raise RequestError(f"{self!r} cannot be deferred now (deferred or completed)")
+        runner = self._b.runner
         if runner is None:
             raise RequestError("this request is not served by a ring (cannot defer)")
         return runner.defer(self)
 
     # -- internals --
 
-    def _check_open(self) -> None:
-        if self._state == _CLOSED:
-            raise RequestError(f"{self!r} was already completed")
-
-    def _pieces(self, a: int, b: int, offset: int, size: int):
-        """Host pieces covering [offset, offset+size) of pieces a..b."""
-        hosts, lens = self._hosts, self._lens
-        for p in range(a, b):
+    def _pieces(self, a: int, z: int, offset: int, size: int
+                ) -> Iterator[tuple[int, int, int]]:
+        """(piece, offset in its region, length) covering [offset, offset+size) of pieces
+        a..z."""
+        b = self._b
+        for p in range(a, z):
             if size <= 0:
                 return
-            ln = lens[p]
+            ln = b.lens[p]
             if offset >= ln:
                 offset -= ln
                 continue
             take = min(ln - offset, size)
-            yield hosts[p] + offset, take
+            yield p, b.offsets[p] + offset, take
             offset = 0
             size -= take
 
     def _detach(self) -> None:
-        """Own copies of the batch's pieces (the batch arrays are reused next burst)."""
-        p0, p1 = self._p0, self._p1
-        self._hosts = self._hosts[p0:p1]
-        self._gpas = self._gpas[p0:p1]
-        self._lens = self._lens[p0:p1]
+        """Own copies of the burst's pieces (its lists are the next burst's no longer, but
+        keeping only this chain's pieces lets the rest go)."""
+        p0 = self._p0
+        self._b = self._b.slice(p0, self._p1)
         self._pw -= p0
         self._p1 -= p0
         self._p0 = 0
 
     def _close(self) -> None:
         self._state = _CLOSED
+        self._b = _NO_PIECES  # drops the region memoryviews: the mapping may go
         if self._views is not None:
             for v in self._views:
                 v.release()
             self._views = None
 
 
-def _check_range(what: str, offset: int, size: int, limit: int) -> None:
-    if offset < 0 or size < 0 or offset + size > limit:
-        raise RequestError(f"{what} of {size} bytes at offset {offset} outside the "
-                           f"{limit} bytes the driver gave")
+_NO_PIECES = _Pieces([], [], [], [], [], [], None)
+
+
+def _range_error(what: str, offset: int, size: int, limit: int) -> None:
+    raise RequestError(f"{what} of {size} bytes at offset {offset} outside the "
+                       f"{limit} bytes the driver gave")
 
 
 class Pending:
     """A deferred request. `complete(used_len)` may be called once, from any thread."""
 
-    __slots__ = ("request", "_runner", "_pin")
+    __slots__ = ("request", "_runner", "_pin", "_generation")
 
-    def __init__(self, request: Request, runner: "RequestRunner", pin: TablePin) -> None:
+    def __init__(self, request: Request, runner: "RequestRunner", pin: TablePin,
+                 generation: int) -> None:
         self.request = request
         self._runner = runner
         self._pin = pin
+        self._generation = generation  # the runner's: a ring that stopped since drops it
 
     def complete(self, used_len: int) -> None:
         """The device is done with the request: `used_len` bytes were written for the driver.
@@ -436,9 +466,10 @@ class RequestRunner:
         if n <= 0:
             return done, notify
         self.requests += n
-        hosts = s.piece_host[:s.piece_end[n - 1]].tolist()
-        gpas = s.piece_gpa[:s.piece_end[n - 1]].tolist()
-        lens = s.piece_len[:s.piece_end[n - 1]].tolist()
+        last = int(s.piece_end[n - 1])
+        pieces = _Pieces(s.piece_region[:last].tolist(), s.piece_offset[:last].tolist(),
+                         s.piece_host[:last].tolist(), s.piece_gpa[:last].tolist(),
+                         s.piece_len[:last].tolist(), table.memoryviews(), self)
         heads = s.heads[:n].tolist()
         ends = s.piece_end[:n].tolist()
         firsts = s.first_writable[:n].tolist()
@@ -451,10 +482,9 @@ class RequestRunner:
         failure = None
         p0 = 0
         for k in range(n):
-            req = Request(index, heads[k], rsizes[k], wsizes[k], hosts, gpas, lens, p0,
-                          firsts[k], ends[k])
-            p0 = ends[k]
-            req._runner = self
+            p1 = ends[k]
+            req = Request(index, heads[k], rsizes[k], wsizes[k], pieces, p0, firsts[k], p1)
+            p0 = p1
             try:
                 used = handle(index, req)
                 if req._state == _DEFERRED:
@@ -507,11 +537,10 @@ class RequestRunner:
                                "may complete out of order (do not offer IN_ORDER)")
         request._detach()
         request._state = _DEFERRED
-        request._generation = self.generation
         with self._lock:
             self.in_flight += 1
         self.deferred += 1
-        return Pending(request, self, self._pin(self._table_of_burst))
+        return Pending(request, self, self._pin(self._table_of_burst), self.generation)
 
     # The table of the burst in progress (set by the worker before serve, read by defer).
     _table_of_burst: RegionTable
@@ -526,7 +555,7 @@ class RequestRunner:
             raise RequestError(f"used length {used_len!r} outside 0..{req.writable_size}")
         req._close()
         with self._lock:
-            if req._generation != self.generation:  # the ring stopped without it: drop it
+            if pending._generation != self.generation:  # the ring stopped without it: drop it
                 self.stale += 1
                 stale = True
             else:

@@ -335,7 +335,7 @@ def test_device_api_is_exported():
     assert pyvhost.Device is pyvhost.device.Device
 
 
-def _wait(cond, timeout: float = 10.0) -> None:
+def _wait(cond, timeout: float = 60.0) -> None:  # a bound against hangs (a cold numba cache)
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"

@@ -76,6 +76,12 @@ class MappedRegion:
     def closed(self) -> bool:
         return self._mmap is None
 
+    def mapped_data(self) -> np.ndarray:
+        """`data` of a region that must still be mapped (every region of a table in use)."""
+        data = self.data
+        assert data is not None, f"{self!r} is unmapped"
+        return data
+
     def close(self) -> bool:
         """Unmap and close the fd. Returns False (and keeps the mapping) while views are alive."""
         if self._mmap is None:

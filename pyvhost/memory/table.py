@@ -39,7 +39,7 @@ class Segment(NamedTuple):
 
 
 class RegionTable:
-    __slots__ = ("regions", "_gpa_starts", "_user_order", "_user_starts", "_kernel")
+    __slots__ = ("regions", "_gpa_starts", "_user_order", "_user_starts", "_kernel", "_views")
 
     def __init__(self, regions: tuple[MappedRegion, ...] = ()) -> None:
         if len(regions) > MAX_MEM_SLOTS:
@@ -54,6 +54,7 @@ class RegionTable:
         _check_no_overlap([self.regions[i] for i in self._user_order], "user",
                           lambda r: (r.spec.userspace_addr, r.spec.user_end))
         self._kernel: KernelMemory | None = None
+        self._views: list[memoryview] | None = None
 
     def __len__(self) -> int:
         return len(self.regions)
@@ -137,11 +138,21 @@ class RegionTable:
                 np.array([r.spec.userspace_addr for r in self.regions], dtype=np.int64),
                 np.array([r.spec.memory_size for r in self.regions], dtype=np.int64),
                 np.array(self._user_order, dtype=np.int64),
-                np.array([r.data.ctypes.data for r in self.regions], dtype=np.int64))
+                np.array([r.mapped_data().ctypes.data for r in self.regions], dtype=np.int64))
         return self._kernel
+
+    def memoryviews(self) -> list[memoryview]:
+        """Each region's bytes as a memoryview, GPA order (the Python device tier's fast access:
+        a slice assignment costs a tenth of a ctypes.memmove here). Dropped by release_kernel:
+        a request holding them keeps its mapping alive (mmap refuses to close while exported)."""
+        views = self._views
+        if views is None:
+            views = self._views = [memoryview(r.mapped_data()) for r in self.regions]
+        return views
 
     def release_kernel(self) -> None:
         self._kernel = None
+        self._views = None
 
 
 def _check_no_overlap(ordered, space, bounds) -> None:

@@ -1,7 +1,8 @@
 """Popped chains as host pieces: what the Python device tier (`pyvhost.Request`) reads and writes.
 
-`pop_requests` pops a burst of chains and translates every buffer into *pieces*: host address,
-guest-physical address and length, each piece inside one region (a buffer that spans regions
+`pop_requests` pops a burst of chains and translates every buffer into *pieces*: region index
+(in the table's GPA order), offset in the region, host address, guest-physical address and
+length, each piece inside one region (a buffer that spans regions
 becomes several pieces). Per chain k it records where its pieces end (`piece_end[k]`; chain k
 has pieces [piece_end[k-1], piece_end[k])), its first writable piece, and its readable and
 writable byte counts. Python then reads and writes guest buffers at those host addresses with
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_SIZE
 from pyvhost.ring import kernels as K
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.jit import kernel
@@ -43,6 +45,8 @@ class ChainScratch:
         self.seg_len = np.zeros(segs, dtype=np.int64)
         self.seg_flags = np.zeros(segs, dtype=np.int64)
         pieces = 2 * segs + 4 * max_chains
+        self.piece_region = np.zeros(pieces, dtype=np.int64)
+        self.piece_offset = np.zeros(pieces, dtype=np.int64)
         self.piece_host = np.zeros(pieces, dtype=np.int64)
         self.piece_gpa = np.zeros(pieces, dtype=np.int64)
         self.piece_len = np.zeros(pieces, dtype=np.int64)
@@ -51,12 +55,14 @@ class ChainScratch:
         return int(pop_requests(mem, q, views, min(max_chains, self.max_chains), self.heads,
                                 self.piece_end, self.first_writable, self.readable,
                                 self.writable, self.seg_addr, self.seg_len, self.seg_flags,
-                                self.piece_host, self.piece_gpa, self.piece_len))
+                                self.piece_region, self.piece_offset, self.piece_host,
+                                self.piece_gpa, self.piece_len))
 
 
 @kernel
 def pop_requests(mem, q, views, max_chains, heads, piece_end, first_writable, readable, writable,
-                 seg_addr, seg_len, seg_flags, piece_host, piece_gpa, piece_len):
+                 seg_addr, seg_len, seg_flags, piece_region, piece_offset, piece_host, piece_gpa,
+                 piece_len):
     """Pop up to max_chains chains into host pieces. Returns the chains popped, or -1 if the
     queue broke (q[Q_ERROR] says why)."""
     if q[K.Q_ERROR] != 0:
@@ -88,15 +94,19 @@ def pop_requests(mem, q, views, max_chains, heads, piece_end, first_writable, re
             else:
                 rbytes += left
             while left > 0:
-                host, span = K.host_span(mem, K.SPACE_GPA, addr)
-                if span == 0:  # pop_chain checked it in this very table: not reached
+                i = K.region_index(mem, K.SPACE_GPA, addr)
+                if i < 0:  # pop_chain checked it in this very table: not reached
                     K.fail(q, E.ADDR_UNMAPPED, addr)
                     return -1
+                off = addr - mem[KM_GPA_START][i]
+                span = mem[KM_SIZE][i] - off
                 if pos >= cap:
                     fits = False
                     break
                 take = min(left, span)
-                piece_host[pos] = host
+                piece_region[pos] = i
+                piece_offset[pos] = off
+                piece_host[pos] = mem[KM_HOST][i] + off
                 piece_gpa[pos] = addr
                 piece_len[pos] = take
                 pos += 1

@@ -42,6 +42,9 @@ class DeviceSession:
         self.thread.start()
         self.ram = GuestRam([(0, ram_mib * MiB)])
         try:
+            # The server warms the device up (compiles its kernels) before it listens.
+            if not self.server.listening.wait(120):
+                raise TimeoutError(f"the daemon did not listen on {path}")
             self.fe = VhostUserFrontend(str(path))
             self.negotiated = self.fe.negotiate(features, PROTOCOL)
             self.fe.set_mem_table(self.ram)
