@@ -203,3 +203,42 @@ def test_one_pair_offers_no_mq_and_mtu_only_when_given(tmp_path):
         assert dev.device_features >> bit & 1
     with pytest.raises(ValueError):
         NetDevice(1, mtu=20)
+
+
+@pytest.mark.parametrize("hostile", ["loop", "unmapped", "avail_jump"])
+def test_hostile_control_chain_breaks_only_the_control_queue(tmp_path, hostile):
+    """A hostile chain on the control queue stops that queue (NEEDS_RESET, reported); the TX
+    queue served by the same worker goes on forwarding frames."""
+    s = Session(str(tmp_path / "net.sock"), pairs=1, features=CTRL_FEATURES)
+    try:
+        s.start_ctrl()
+        tx = MockSplitQueue(s.ram, 64, event_idx=True)
+        s.fe.setup_queue(1, tx)
+        s.fe.enable_queue(1)
+        assert len(s.server.current.workers) == 1  # both rings on one worker
+        d = s.fe.driver(s.ctrl_index)
+        if hostile == "loop":
+            d.write_raw_desc(0, s.ram.alloc(16), 16, 1, 1)
+            d.write_raw_desc(1, s.ram.alloc(16), 16, 1, 0)
+            d.add_raw_head(0)
+            d.publish()
+        elif hostile == "unmapped":
+            d.write_raw_desc(0, 1 << 45, 2, 0, 0)
+            d.add_raw_head(0)
+            d.publish()
+        else:
+            d.write_raw_avail_idx(d.size + 7)
+        s.fe.kick(s.ctrl_index)
+        deadline = time.monotonic() + 60
+        while s.server.current.queues_broken == 0:
+            assert time.monotonic() < deadline, "the control queue did not break"
+            time.sleep(0.005)
+        assert s.fe.get_status() & 0x40  # DEVICE_NEEDS_RESET
+        assert not s.server.current.vrings[s.ctrl_index].running
+        frames = [bytes(range(60))] * 100
+        s.fe.send_frames(1, frames)
+        s.fe.wait_tx_done(1)
+        assert s.device.stats()["tx_packets"] == 100
+        assert all(w.alive for w in s.server.current.workers)
+    finally:
+        s.close()

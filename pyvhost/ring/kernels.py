@@ -141,7 +141,7 @@ def load_bytes(mem, space, addr, n):
             return np.int64(load_u16(host)), True
         if n == 4:
             return np.int64(load_u32(host)), True
-    value = 0
+    value = np.int64(0)
     k = 0
     while k < n:
         host, left = host_span(mem, space, addr + k)
@@ -576,6 +576,24 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
     q[Q_CHAINS] += 1
     return head, host
+
+
+@inlined_kernel
+def rearm_past_avail(mem, q, views):
+    """The chains available are too few for what the device must place (popped ones given
+    back with `rewind`): with EVENT_IDX, ask for a kick at the driver's next refill beyond the
+    avail index seen now, then look once more (the refill may have come before the event was
+    visible). Setting avail_event to next_avail instead would miss that kick when buffers were
+    available but too few (as Linux vhost_enable_notify). Returns the chains available, or -1
+    if the queue broke."""
+    if not (q[Q_FLAGS] & F_EVENT_IDX):
+        return 0
+    idx, ok = read_avail_idx(mem, q, views)
+    if not ok:
+        return 0
+    write_avail_event(mem, q, views, idx)
+    fence_seq_cst()
+    return avail_count(mem, q, views)
 
 
 @kernel

@@ -42,13 +42,12 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring import kernels as K
-from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.barriers import fence_acquire, fence_release
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.jit import inlined_kernel, kernel
+from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
 HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
@@ -262,16 +261,10 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 avail = K.avail_count(mem, q, views)
                 if avail < 0:
                     return -1, 0, False
-                if avail == 0 and mergeable and (q[K.Q_FLAGS] & K.F_EVENT_IDX):
-                    # Ask for a kick at the next refill beyond what we have seen, then look
-                    # once more (the refill may have come before the event was visible).
-                    idx, ok = K.read_avail_idx(mem, q, views)
-                    if ok:
-                        K.write_avail_event(mem, q, views, idx)
-                        fence_seq_cst()
-                        avail = K.avail_count(mem, q, views)
-                        if avail < 0:
-                            return -1, 0, False
+                if avail == 0 and mergeable:
+                    avail = K.rearm_past_avail(mem, q, views)
+                    if avail < 0:
+                        return -1, 0, False
                 if avail == 0:
                     # Every chain of the ring is not enough: it cannot grow.
                     never = nchains + nbad >= size
