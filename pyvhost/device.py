@@ -487,7 +487,7 @@ class RequestRunner:
             p0 = p1
             try:
                 used = handle(index, req)
-                if req._state == _DEFERRED:
+                if req._state != _OPEN:  # deferred (and maybe completed already)
                     continue
                 if type(used) is not int or not 0 <= used <= req.writable_size:
                     raise RequestError(f"handle() returned used length {used!r}; it must be "
@@ -505,6 +505,10 @@ class RequestRunner:
         if failure is not None:
             queue.fail_device(f"{type(self.device).__name__}.handle() raised "
                               f"{type(failure).__name__}: {failure}", failure)
+            # The traceback holds this frame, whose locals hold the burst's memoryviews of
+            # guest memory: break the cycle, or the mapping lives until a gc pass.
+            failure.__traceback__ = None
+            failure = None
         return done + n, notify
 
     def _publish(self, mem: KernelMemory, views: RingViews, heads: list[int],

@@ -540,8 +540,9 @@ class Backend:
         vr.broken_reported = True
         self.queues_broken += 1
         self.status |= STATUS_DEVICE_NEEDS_RESET
-        log.error("%s: queue %d broken by the driver: %s; queue stopped, device needs reset",
-                  self.name, vr.index, vr.queue.error_text())
+        culprit = "device" if vr.queue.device_error else "driver"
+        log.error("%s: queue %d broken by the %s: %s; queue stopped, device needs reset",
+                  self.name, vr.index, culprit, vr.queue.error_text())
         err = vr.err
         if err is not None and not err.closed:
             err.signal()

@@ -13,6 +13,7 @@ pin goes, retired regions are retried at once. Grace periods never wait for pins
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -151,6 +152,12 @@ class GuestMemory:
         self.clear()
         with self._pins:
             self._retired = [r for r in self._retired if not r.close()]
+        if self._retired:
+            # A view may live on only in a reference cycle (an exception's traceback holding
+            # a frame that held it): collect those before calling the mapping leaked.
+            gc.collect()
+            with self._pins:
+                self._retired = [r for r in self._retired if not r.close()]
         if self._retired:
             self.leaked_mappings += len(self._retired)
             log.error("%d guest mappings still have live views at close: %s",

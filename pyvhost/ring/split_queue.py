@@ -14,6 +14,7 @@ then wait for the grace period before replying to the frontend.
 from __future__ import annotations
 
 import logging
+import traceback
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -181,9 +182,9 @@ class SplitQueue:
             return d.views
         if self.metadata_access != "copy" and self.addresses_set:
             if self._last_copy_table is not table:  # don't retry a failed build every round
-                built = build_direct_map(table, self.size, int(self.q[K.Q_DESC]),
-                                         int(self.q[K.Q_AVAIL]), int(self.q[K.Q_USED]),
-                                         self._generation)
+                built = build_direct_map(table, self.size, UserAddress(int(self.q[K.Q_DESC])),
+                                         UserAddress(int(self.q[K.Q_AVAIL])),
+                                         UserAddress(int(self.q[K.Q_USED])), self._generation)
                 if isinstance(built, DirectMap):
                     self._direct = built
                     self.q[K.Q_FLAGS] |= K.F_DIRECT
@@ -228,7 +229,10 @@ class SplitQueue:
         """Break the queue because the device's code failed on it (not the guest's input);
         a queue the guest already broke keeps the guest's reason."""
         if exc is not None:
-            log.error("queue %d: %s", self.index, text, exc_info=exc)
+            # Logged as text: a log record holding the exception would hold its traceback's
+            # frames, and through them views of guest memory, for as long as it is kept.
+            trace = "".join(traceback.format_exception(exc)).rstrip()
+            log.error("queue %d: %s\n%s", self.index, text, trace)
         if not self.broken:
             self.device_error = text
             self.q[K.Q_ERROR_INFO] = 0
