@@ -87,13 +87,14 @@ venv_is_usable() {
 }
 
 # The install is current when pyproject.toml has not changed since the last
-# install and the venv imports pyvhost from this work tree.
+# install, the venv imports pyvhost from this work tree, and the test tools
+# (pytest, mypy: tests/test_typecheck.py runs the type checker) are there.
 install_stamp() { sha256sum "$REPO_ROOT/pyproject.toml" | cut -d' ' -f1; }
 
 venv_install_is_current() {
     local stamp_file=$VENV/.pyvhost-install-stamp
     [[ -f $stamp_file && $(cat "$stamp_file") == "$(install_stamp)" ]] || return 1
-    (cd / && "$VENV/bin/python" -c 'import pyvhost, sys; print(pyvhost.__file__)') 2>/dev/null \
+    (cd / && "$VENV/bin/python" -c 'import mypy, pytest, pyvhost; print(pyvhost.__file__)') 2>/dev/null \
         | grep -q "^$REPO_ROOT/pyvhost/"
 }
 

@@ -262,7 +262,9 @@ class Worker:
             return self.device.discard_burst(queue, table, mem, views)
         burst = self.device.process_burst if vr.process else self.device.discard_burst
         if self.device.polls_in_kernel:
-            return burst(queue, table, mem, views, window=window)
+            # Such a device's bursts take `window=` (Device.polls_in_kernel).
+            polling: Callable[..., tuple[int, bool]] = burst
+            return polling(queue, table, mem, views, window=window)
         return burst(queue, table, mem, views)
 
     def _idle_wait(self) -> None:

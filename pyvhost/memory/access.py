@@ -22,15 +22,16 @@ _U64 = struct.Struct("<Q")
 def _gather(segments: list[Segment]) -> bytes:
     if len(segments) == 1:
         s = segments[0]
-        return s.region.data[s.offset:s.offset + s.length].tobytes()
-    return b"".join(s.region.data[s.offset:s.offset + s.length].tobytes() for s in segments)
+        return s.region.mapped_data()[s.offset:s.offset + s.length].tobytes()
+    return b"".join(s.region.mapped_data()[s.offset:s.offset + s.length].tobytes()
+                    for s in segments)
 
 
 def _scatter(segments: list[Segment], data: bytes | memoryview | np.ndarray) -> None:
     src = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data
     pos = 0
     for s in segments:
-        s.region.data[s.offset:s.offset + s.length] = src[pos:pos + s.length]
+        s.region.mapped_data()[s.offset:s.offset + s.length] = src[pos:pos + s.length]
         pos += s.length
 
 

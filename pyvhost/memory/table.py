@@ -147,7 +147,8 @@ class RegionTable:
         a request holding them keeps its mapping alive (mmap refuses to close while exported)."""
         views = self._views
         if views is None:
-            views = self._views = [memoryview(r.mapped_data()) for r in self.regions]
+            # ndarray.data is memoryview(ndarray); numpy types ndarray a Buffer only for 3.12+.
+            views = self._views = [r.mapped_data().data for r in self.regions]
         return views
 
     def release_kernel(self) -> None:

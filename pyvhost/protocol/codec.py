@@ -13,6 +13,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeVar
 
 from pyvhost.fd import OwnedFd, close_all
 
@@ -297,7 +298,10 @@ def check_outgoing(
 SpecLookup = Callable[[int, int], tuple[IntEnum, MessageSpec]]
 
 
-def table_lookup(table: Mapping[IntEnum, MessageSpec], enum: type[IntEnum]) -> SpecLookup:
+_Request = TypeVar("_Request", bound=IntEnum)
+
+
+def table_lookup(table: Mapping[_Request, MessageSpec], enum: type[_Request]) -> SpecLookup:
     """A SpecLookup for requests: known ids of `enum` that `table` describes."""
 
     def lookup(request_id: int, flags: int) -> tuple[IntEnum, MessageSpec]:

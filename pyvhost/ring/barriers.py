@@ -7,7 +7,8 @@ publishing used->idx and reading avail->flags / used_event (a store followed by 
 """
 
 from numba import types
-from numba.extending import intrinsic
+
+from pyvhost.ring.jit import intrinsic
 
 
 def _fence(ordering: str):

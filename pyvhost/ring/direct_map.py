@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from pyvhost.memory.address import UserAddress
 from pyvhost.memory.table import RegionTable
 from pyvhost.ring.layout import DESC_DTYPE, avail_ring_size, desc_table_size, used_ring_size
 
@@ -36,7 +37,8 @@ NO_VIEWS: RingViews = (np.zeros(0, np.uint64), np.zeros(0, np.uint16), np.zeros(
                        np.zeros(0, np.uint32))
 
 
-def _ring_bytes(table: RegionTable, addr: int, length: int, align: int) -> np.ndarray | str:
+def _ring_bytes(table: RegionTable, addr: UserAddress, length: int,
+                align: int) -> np.ndarray | str:
     seg = table.contiguous_user_range(addr, length)
     if seg is None:
         return "not inside one region" if table.region_at_user(addr) else "not mapped"
@@ -49,8 +51,8 @@ def _ring_bytes(table: RegionTable, addr: int, length: int, align: int) -> np.nd
     return view
 
 
-def build_direct_map(table: RegionTable, size: int, desc: int, avail: int, used: int,
-                     generation: int) -> DirectMap | str:
+def build_direct_map(table: RegionTable, size: int, desc: UserAddress, avail: UserAddress,
+                     used: UserAddress, generation: int) -> DirectMap | str:
     """A DirectMap, or the reason the rings cannot be mapped directly."""
     parts = {}
     for name, addr, length, align in (("descriptor table", desc, desc_table_size(size), 16),

@@ -9,7 +9,8 @@ bound every address by the region it was translated in.
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+
+from pyvhost.ring.jit import intrinsic
 
 
 @intrinsic

@@ -8,10 +8,19 @@ increments and decrements — more than the work of a whole descriptor.
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import numba
 from numba import njit
+from numba.extending import intrinsic as _numba_intrinsic
+
+if TYPE_CHECKING:
+    from numba.core.dispatcher import Dispatcher
+
+F = TypeVar("F", bound=Callable[..., Any])
+P = ParamSpec("P")
 
 
 def _source_keyed_cache_dir() -> str:
@@ -33,18 +42,31 @@ def _source_keyed_cache_dir() -> str:
 
 
 if not os.environ.get("NUMBA_CACHE_DIR"):  # a user's explicit choice wins
-    numba.config.CACHE_DIR = _source_keyed_cache_dir()
+    # numba.config sets its options as module attributes at import; its stubs declare none.
+    numba.config.CACHE_DIR = _source_keyed_cache_dir()  # type: ignore[attr-defined]
 
 
-def kernel(fn):
-    return njit(nogil=True, cache=True, _nrt=False)(fn)
+# `_nrt` is a private numba option, absent from numba's typed options (hence the ignores).
+# Typed as Dispatcher[F], a kernel's callers are checked against its Python signature.
+def kernel(fn: F) -> "Dispatcher[F]":
+    return njit(nogil=True, cache=True, _nrt=False)(fn)  # type: ignore[call-overload]
 
 
-def inlined_kernel(fn):
+def inlined_kernel(fn: F) -> "Dispatcher[F]":
     """A small kernel inlined into its compiled callers (numba IR inlining): LLVM would not
     inline it across numba's per-function modules, and each call would copy the exploded
     array tuples (dozens of words) and lose the optimisations around it."""
-    return njit(nogil=True, cache=True, _nrt=False, inline="always")(fn)
+    return njit(  # type: ignore[call-overload]
+        nogil=True, cache=True, _nrt=False, inline="always")(fn)
+
+
+def intrinsic(defn: Callable[Concatenate[Any, P], Any]) -> Callable[P, Any]:
+    """numba's @intrinsic, typed as compiled code calls it: without the typing context, and
+    returning a value of the type the definition's signature gives (unknown to Python).
+
+    numba's own stubs type the call with the definition's parameters and as never returning,
+    which would make mypy reject every call and skip the code after it."""
+    return _numba_intrinsic(defn)  # type: ignore[return-value]
 
 
 def overload_entry(dispatcher, args: tuple):

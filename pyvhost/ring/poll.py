@@ -23,10 +23,9 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
 
 from pyvhost.ring.barriers import fence_acquire
-from pyvhost.ring.jit import inlined_kernel, kernel
+from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 
 # How long one call may run while its ring has work or is being polled. Other rings of the
 # worker wait this long at most; it does not bound a grace period (`leave` does).

@@ -437,8 +437,8 @@ class ChurnFrontend:
         self.fe.setup_queue(0, self.driver, kick=True, call=False)
         self.fe.enable_queue(0)
         import numpy as np
-        self._used_idx_np = np.frombuffer(self.ram.region(GPA_R).mm, np.uint16, 1,
-                                          self.driver.used_ring - GPA_R + 2)
+        self._used_idx_np: np.ndarray | None = np.frombuffer(
+            self.ram.region(GPA_R).mm, np.uint16, 1, self.driver.used_ring - GPA_R + 2)
         self.seq = 1
         self.free = {GPA_A: list(range(SLOTS)), GPA_B: list(range(SLOTS))}
         self.chain_slot: dict[int, tuple[int, int]] = {}
@@ -464,12 +464,14 @@ class ChurnFrontend:
         """Reap completions, then fill the ring with new frames; publish and kick once."""
         d = self.driver
         now = time.perf_counter()
-        before = int(self._used_idx_np[0])
+        used_idx = self._used_idx_np
+        assert used_idx is not None, "pump after close"
+        before = int(used_idx[0])
         try:
             done = d.used()
         except Exception as exc:
             raise RuntimeError(f"{exc}; atomic read just before: {before}, just after: "
-                               f"{int(self._used_idx_np[0])}; {self._diagnose()}") from exc
+                               f"{int(used_idx[0])}; {self._diagnose()}") from exc
         if done or not d.in_flight:
             self._last_progress = now
         elif now - self._last_progress > self.max_driver_stall:

@@ -132,7 +132,10 @@ class VhostUserFrontend:
         self._queues: dict[int, _Queue] = {}
         self._broken: str | None = None
         self._closed = False
-        self._sock = sock if sock is not None else _connect(path, connect_timeout)
+        if sock is None:
+            assert path is not None  # checked above: exactly one of them is given
+            sock = _connect(path, connect_timeout)
+        self._sock = sock
 
     @classmethod
     def listen(cls, path: str, *, accept_timeout: float = DEFAULT_TIMEOUT,
@@ -624,7 +627,7 @@ def _readable(fd: OwnedFd, deadline: float) -> bool:
 
 def _take_fds(anc: list[tuple[int, int, bytes]]) -> list[OwnedFd]:
     """Wrap every received fd at once, so nothing later can leak it."""
-    out = []
+    out: list[OwnedFd] = []
     for level, kind, data in anc:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds = array.array("i")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import mmap
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # Where the first fresh user window sits; later windows go down from here by USER_WINDOW.
@@ -60,7 +61,7 @@ def _overlaps(a: int, a_len: int, b: int, b_len: int) -> bool:
 class GuestRam:
     """Guest RAM as memfd regions. `close()` closes every fd and mapping it owns."""
 
-    def __init__(self, regions: "list[tuple[int, int]]" = (), mmap_offset: int = 0) -> None:
+    def __init__(self, regions: "Iterable[tuple[int, int]]" = (), mmap_offset: int = 0) -> None:
         self._regions: list[Region] = []  # sorted by GPA
         self._starts: list[int] = []  # their GPAs, for bisection
         self._windows = 0
@@ -290,8 +291,10 @@ class GuestRam:
         """(region, file offset, length) pieces covering [gpa, gpa + n), or AddressError."""
         if n < 0:
             raise ValueError(f"negative length {n}")
-        region = self._by_gpa(gpa) if n else None
-        out = []
+        if not n:
+            return []
+        region = self._by_gpa(gpa)
+        out: list[tuple[Region, int, int]] = []
         while n:
             rel = gpa - region.guest_phys_addr
             k = min(n, region.size - rel)

@@ -8,6 +8,7 @@ ring benchmark.
 from __future__ import annotations
 
 from pyvhost.fd import OwnedFd
+from pyvhost.memory.address import UserAddress
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.memory.region import RegionSpec
 from pyvhost.ring.split_queue import SplitQueue
@@ -34,7 +35,8 @@ def device_queue(driver: MockSplitQueue, memory: GuestMemory, *, index: int = 0,
     queue = SplitQueue(index, metadata_access, max_burst=max_burst)
     queue.set_size(driver.size)
     user = driver.ring_addresses().user
-    queue.set_addresses(user.desc_table, user.avail_ring, user.used_ring)
+    queue.set_addresses(UserAddress(user.desc_table), UserAddress(user.avail_ring),
+                        UserAddress(user.used_ring))
     queue.set_features(event_idx=driver.event_idx, indirect=indirect)
     queue.set_next_avail(driver.initial_avail_idx)
     queue.sync_used_from_ring(memory.table)

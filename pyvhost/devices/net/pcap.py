@@ -55,7 +55,7 @@ class PcapWriter:
         frames = int(ctl[RK.R_HEAD]) - head
         if n:
             with self._lock:
-                self._write_all(memoryview(out)[:n])
+                self._write_all(out.data[:n])  # ndarray.data: memoryview(out), typed so
                 self.frames += frames
         return frames
 
