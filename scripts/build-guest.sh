@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Build the test guest: a Debian kernel plus a busybox initramfs that loads the
-# virtio PCI, virtio-net and virtio-blk modules and gives a root shell on ttyS0.
+# virtio PCI, virtio-net, virtio-blk and virtio-rng modules and gives a root shell
+# on ttyS0 (/dev/hwrng appears on devtmpfs once virtio_rng binds a device).
 #
 #   outputs: .cache/guest/vmlinuz, .cache/guest/initramfs.cpio.gz
 #   needs:   apt (for `apt-get download`), dpkg, depmod (kmod), busybox-static, cpio, gzip
@@ -14,7 +15,10 @@ OUT_DIR=${PYVHOST_GUEST_DIR:-$REPO_ROOT/.cache/guest}
 SCRIPT_PATH="$REPO_ROOT/scripts/build-guest.sh"
 BUSYBOX=${BUSYBOX:-/bin/busybox}
 # Top-level modules the guest needs; their dependencies are added from modules.dep.
-WANTED_MODULES=(virtio_pci virtio_net virtio_blk)
+# Names as the kernel spells them ("_"); the files may use "-" (virtio-rng.ko).
+# A module built into the kernel (modules.builtin, e.g. rng_core: CONFIG_HW_RANDOM=y in
+# Debian 12) is skipped, so listing one is harmless if a later kernel makes it built-in.
+WANTED_MODULES=(virtio_pci virtio_net virtio_blk rng_core virtio_rng)
 
 log() { echo "build-guest: $*" >&2; }
 die() { log "error: $*"; exit 1; }
@@ -40,18 +44,36 @@ kernel_package_name() {
     echo "$pkg"
 }
 
-# Print module names (without .ko) in load order: dependencies first, each once.
-# modules.dep lines look like "kernel/a/b.ko: kernel/c.ko kernel/d.ko".
+# Regex for a module's file name: the kernel treats "-" and "_" in module names alike.
+module_file_regex() {
+    local name=${1//[-_]/[-_]}
+    echo "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:"
+}
+
+# True if the module is built into the kernel (listed in modules.builtin).
+module_builtin() {
+    local moddir=$1 name=${2//[-_]/[-_]}
+    [[ -f $moddir/modules.builtin ]] \
+        && grep -qE "(^|/)${name}\.ko$" "$moddir/modules.builtin"
+}
+
+# Print module names (without .ko, "-" as "_") in load order: dependencies first, each
+# once. modules.dep lines look like "kernel/a/b.ko: kernel/c.ko kernel/d.ko".
 resolve_load_order() {
     local moddir=$1; shift
     local -A seen=()
     local order=()
     visit() {
-        local name=$1 line path deps dep
+        local name=${1//-/_} line path deps dep
         [[ -n ${seen[$name]:-} ]] && return 0
         seen[$name]=1
-        line=$(grep -E "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1) \
-            || die "module $name not in modules.dep"
+        if ! line=$(grep -E "$(module_file_regex "$name")" "$moddir/modules.dep" | head -n1); then
+            if module_builtin "$moddir" "$name"; then
+                log "module $name is built into the kernel; nothing to load"
+                return 0
+            fi
+            die "module $name not in modules.dep"
+        fi
         deps=${line#*:}
         for dep in $deps; do
             dep=${dep##*/}; dep=${dep%%.ko*}
@@ -67,7 +89,7 @@ resolve_load_order() {
 # Copy one module into the initramfs, decompressed (busybox insmod loads plain .ko only).
 copy_module() {
     local moddir=$1 name=$2 dest=$3 src
-    src=$(grep -E "(^|/)${name}\.ko(\.xz|\.zst|\.gz)?:" "$moddir/modules.dep" | head -n1 | cut -d: -f1)
+    src=$(grep -E "$(module_file_regex "$name")" "$moddir/modules.dep" | head -n1 | cut -d: -f1)
     src=$moddir/$src
     case $src in
         *.ko.xz)  xz -dc "$src" >"$dest/$name.ko" ;;
