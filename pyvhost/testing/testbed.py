@@ -19,6 +19,7 @@ import secrets
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -558,6 +559,135 @@ def vhost_user_net_args(socket_path: Path | str, index: int = 0, mac: str | None
             "-device", device]
 
 
+def vhost_user_rng_args(socket_path: Path | str, index: int = 0, server: bool = False,
+                        **device_props: object) -> list[str]:
+    """QEMU arguments for a virtio-rng device (virtio ID 4) backed by a vhost-user socket.
+
+    The guest's virtio_rng driver binds it and /dev/hwrng reads from it. QEMU 7.2 sets up
+    the vhost-user device while it realizes it, so it needs the backend before the guest
+    starts: as a client (default) it connects to a listening backend (start that first,
+    `wait_for_socket`); with `server=True` it listens and waits (no `wait=off`) until a
+    `--client` backend connects, so start that backend before QEMU too (it retries).
+    `device_props` are added to -device (e.g. vectors=0, event_idx="off"). MSI-X works here
+    under TCG (unlike virtio-net, trap 8), so QEMU's default vectors are kept. QEMU 7.2
+    acknowledges the guest's features (VERSION_1, and EVENT_IDX and INDIRECT_DESC unless
+    turned off here) with SET_FEATURES without asking the backend what it offers.
+    """
+    chardev = f"socket,id=rng{index},path={socket_path}" + (",server=on" if server else "")
+    device = f"vhost-user-rng-pci,chardev=rng{index}"
+    device += "".join(f",{k}={v}" for k, v in device_props.items())
+    return ["-chardev", chardev, "-device", device]
+
+
+def pyvhost_command() -> list[str]:
+    """How to run the pyvhost CLI: the venv's console script, else `python -m pyvhost`."""
+    script = Path(sys.executable).parent / "pyvhost"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pyvhost"]
+
+
+class PyvhostDaemon:
+    """One `pyvhost SUBCOMMAND ...` process (e.g. `rng`, `run MODULE:CLASS`, `net`).
+
+        with PyvhostDaemon(["rng", "--socket-path", sock, "--stats-json", stats]) as d:
+            d.wait_listening()                 # server mode: the socket file exists
+            ...
+        d.returncode, d.log                    # after exit: SIGTERM was sent, it was reaped
+
+    stderr and stdout go to one collector (`log`). `stop()` sends SIGTERM (the daemon
+    writes --stats-json and exits), waits, then SIGKILLs; a socket it listened on is
+    removed if still there. `env` entries are added to the environment (None removes one).
+    """
+
+    def __init__(self, args: Sequence[str], *, cwd: Path | str | None = None,
+                 env: dict[str, str | None] | None = None, name: str = "pyvhost",
+                 log_path: Path | None = None):
+        self.args = [str(a) for a in args]
+        self.argv = [*pyvhost_command(), *self.args]
+        self.cwd = cwd
+        self.env = dict(os.environ)
+        for key, value in (env or {}).items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
+        self.name = unique_name(name)
+        self.log_path = log_path
+        self.returncode: int | None = None
+        self._proc: subprocess.Popen | None = None
+        self._output: _OutputCollector | None = None
+
+    @property
+    def socket_path(self) -> Path | None:
+        if "--socket-path" in self.args:
+            return Path(self.args[self.args.index("--socket-path") + 1])
+        return None
+
+    @property
+    def client(self) -> bool:
+        return "--client" in self.args
+
+    def __enter__(self) -> "PyvhostDaemon":
+        try:
+            self.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            self.argv, cwd=self.cwd, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+        self._output = _OutputCollector(self._proc.stdout, f"{self.name}-out",
+                                        tee_path=self.log_path)
+
+    def wait_listening(self, timeout: float = 120.0) -> None:
+        """Wait for the listening socket (server mode); raise with the log if it exits first."""
+        path = self.socket_path
+        assert path is not None and not self.client, "only a listening daemon has a socket to wait for"
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if not self.running():
+                raise TestbedError(self._failure("exited before listening"))
+            if time.monotonic() > deadline:
+                raise TestbedError(self._failure(f"no socket {path} within {timeout}s"))
+            time.sleep(0.05)
+
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
+    def log(self) -> str:
+        return self._output.text if self._output else ""
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        """SIGTERM, wait up to `timeout` s (then SIGKILL); returns the exit code."""
+        _kill_and_reap(self._proc, signal.SIGTERM, timeout)
+        if self._proc is not None:
+            self.returncode = self._proc.returncode
+        if self._output:
+            self._output.close()
+        if not self.client and self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
+        return self.returncode
+
+    def close(self) -> None:
+        self.stop()
+
+    def _failure(self, what: str) -> str:
+        state = "running" if self.running() else f"exit code {self._proc.returncode if self._proc else None}"
+        return (f"{self.name} {what} ({state})\ncommand: {' '.join(self.argv)}\n"
+                f"--- log tail ---\n{_log_tail(self.log)}")
+
+
 class CommandResult(NamedTuple):
     output: str
     status: int
@@ -574,6 +704,7 @@ class GuestVM:
 
         with GuestVM(vhost_user_net_args(sock)) as vm:
             out, status = vm.run("ip -o link")
+            random = vm.read_bytes("/dev/hwrng", 1024)   # with vhost_user_rng_args(...)
 
     Guest RAM is a shared memfd (vhost-user backends must map it). The console is
     QEMU's stdio on pipes; QEMU's own messages go to stderr, kept apart so they
@@ -676,6 +807,23 @@ class GuestVM:
         if len(encoded) > self.INLINE_LIMIT:
             return self._run_long(encoded, timeout, check)
         return self._run_script(f'eval "$(echo {encoded} | base64 -d)"', timeout, command, check)
+
+    def read_bytes(self, path: str, count: int, block_size: int = 64,
+                   timeout: float = 30.0) -> bytes:
+        """Read up to `count` bytes (count/block_size reads of block_size) of a guest file or
+        device (e.g. /dev/hwrng) with busybox dd, and return them (via od's hex dump).
+
+        Raises TestbedError if dd fails. A short read returns fewer bytes.
+        """
+        if count % block_size:
+            raise ValueError(f"count {count} is not a multiple of block_size {block_size}")
+        # od -v: no '*' for repeated lines (a patterned source repeats them).
+        result = self.run(f"set -o pipefail; dd if={path} bs={block_size} count={count // block_size}"
+                          " 2>/tmp/.dd.err | od -An -tx1 -v || { cat /tmp/.dd.err; exit 1; }",
+                          timeout=timeout)
+        if result.status != 0 or not re.fullmatch(r"[0-9a-f\s]*", result.output):
+            raise TestbedError(f"guest: reading {path} failed (exit {result.status}):\n{result.output}")
+        return bytes.fromhex("".join(result.output.split()))
 
     def _run_long(self, encoded: str, timeout: float, check: bool) -> CommandResult:
         """Commands too long for one console line: append to a file in chunks, then source it."""
