@@ -1,8 +1,8 @@
 """The vhost-user socket: a Unix stream socket whose messages may carry fds (SCM_RIGHTS).
 
-Server mode (the default) listens on a path and accepts one frontend at a time; client mode
-connects to a frontend that listens (QEMU's `server=on`), retrying with back-off until it is
-there. Every fd that arrives is wrapped in an `OwnedFd` before anything else can happen, so an
+Server mode (the default) listens on a path and accepts one frontend at a time, or serves a
+listening socket a launcher passed as an fd (`Listener.from_fd`); client mode connects to a
+frontend that listens (QEMU's `server=on`), retrying with back-off until it is there. Every fd that arrives is wrapped in an `OwnedFd` before anything else can happen, so an
 error later in the message path cannot leak it.
 
 Whose fault, as in trio: `PeerClosed` — the frontend closed its end (a normal end of session);
@@ -143,10 +143,14 @@ def _wait_readable(fd: int, stop_fd: int | None, timeout: float | None) -> bool:
 
 
 class Listener:
-    """Server mode: listens on `path`. A stale socket file (nobody listening) is replaced."""
+    """Server mode: listens on `path`. A stale socket file (nobody listening) is replaced.
+
+    `Listener.from_fd(fd)` instead serves a socket somebody else created, bound and made
+    listen (vhost-user "Backend program conventions", `--fd FDNUM`); it has no path to remove.
+    """
 
     def __init__(self, path: str, backlog: int = 1) -> None:
-        self.path = path
+        self.path: str | None = path
         _remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -157,7 +161,25 @@ class Listener:
             raise
         self._sock = sock
         self._accepted = 0
-        self._inode = os.stat(path).st_ino  # to remove only our own file at close
+        self._inode: int | None = os.stat(path).st_ino  # to remove only our own file at close
+        self.name = path
+
+    @classmethod
+    def from_fd(cls, fd: int) -> Listener:
+        """Adopt `fd`, an inherited listening Unix stream socket; the Listener owns it from
+        now on (`close()` closes it and unlinks nothing). Raises `NotAListeningSocket` (the
+        fd is left alone) when `fd` is not open, not a socket, or not a listening AF_UNIX
+        stream socket."""
+        check_listening_unix_socket(fd)
+        self = cls.__new__(cls)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=fd)
+        self._sock.set_inheritable(False)  # ours now; a child process must not hold it open
+        self._accepted = 0
+        self.path = None
+        self._inode = None
+        bound = self._sock.getsockname()
+        self.name = f"fd {fd} ({bound})" if isinstance(bound, str) and bound else f"fd {fd}"
+        return self
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -171,20 +193,66 @@ class Listener:
             except (BlockingIOError, InterruptedError):
                 continue
             self._accepted += 1
-            return Connection(sock, f"{self.path}#{self._accepted}")
+            return Connection(sock, f"{self.name}#{self._accepted}")
 
     def close(self) -> None:
-        """Stop listening and remove the socket file (only if it is still ours)."""
-        try:
-            ours = os.stat(self.path).st_ino == self._inode
-        except OSError:
-            ours = False
+        """Stop listening; remove the socket file if we made it and it is still ours."""
+        ours = False
+        if self.path is not None:
+            try:
+                ours = os.stat(self.path).st_ino == self._inode
+            except OSError:
+                pass
         self._sock.close()
         if ours:
             try:
-                os.unlink(self.path)
+                os.unlink(self.path)  # type: ignore[arg-type]
             except FileNotFoundError:
                 pass
+
+
+class NotAListeningSocket(ValueError):
+    """An fd given to serve on is not a listening Unix stream socket."""
+
+
+def check_listening_unix_socket(fd: int) -> None:
+    """Raise `NotAListeningSocket` saying what is wrong unless `fd` is an open, listening
+    AF_UNIX SOCK_STREAM socket. Inspects a duplicate: `fd` itself is never closed here."""
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise NotAListeningSocket(f"fd {fd} is not open ({exc.strerror})") from None
+    if not stat.S_ISSOCK(st.st_mode):
+        raise NotAListeningSocket(f"fd {fd} is not a socket ({_file_kind(st.st_mode)})")
+    with socket.fromfd(fd, socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # a dup of fd
+        domain = probe.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        kind = probe.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = probe.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    if domain != socket.AF_UNIX:
+        family = _enum_name(socket.AddressFamily, domain)
+        raise NotAListeningSocket(f"fd {fd} is not a Unix socket ({family})")
+    if kind != socket.SOCK_STREAM:
+        raise NotAListeningSocket(f"fd {fd} is not a stream socket "
+                                  f"({_enum_name(socket.SocketKind, kind)})")
+    if not listening:
+        raise NotAListeningSocket(f"fd {fd} is a Unix stream socket that does not listen "
+                                  "(bind and listen() it before passing it)")
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a pipe")):
+        if test(mode):
+            return kind
+    return "not a socket"
+
+
+def _enum_name(enum: type, value: int) -> str:
+    try:
+        return enum(value).name
+    except ValueError:
+        return str(value)
 
 
 def _remove_stale_socket(path: str) -> None:
