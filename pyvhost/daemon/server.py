@@ -1,16 +1,21 @@
-"""Serve frontends one after another on one socket path; stop cleanly on request.
+"""Serve frontends one after another on one socket; stop cleanly on request.
 
-Server mode listens (and accepts the next frontend when one leaves); client mode connects to
-a listening frontend and reconnects with back-off when it goes away. Each connection gets a
-fresh device and `Backend`; when the frontend closes, breaks the protocol, or the socket
-fails, the backend is torn down (workers stopped, memory unmapped, fds closed) before the
-next connection is served. `stop()` may be called from a signal handler or another thread.
+Before it listens or connects, the server makes one device and lets it compile its kernels
+(`Device.warm_up`), so that the first frontend's first burst does not hold a worker for
+seconds. Server mode listens on a path, or on a listening socket it was handed (`listener=`,
+the `--fd` of the vhost-user backend program conventions), and accepts the next frontend when
+one leaves; client mode connects to a listening frontend and reconnects with back-off when it
+goes away. Each connection gets a fresh device and `Backend`; when the frontend closes, breaks
+the protocol, or the socket fails, the backend is torn down (workers stopped, memory
+unmapped, fds closed) before the next connection is served. `stop()` may be called from a
+signal handler or another thread.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any, Callable
 
 from pyvhost.daemon.backend import Backend, BackendOptions, ConnectionFatal
@@ -33,15 +38,25 @@ _MAX_KEYS = {"grace_max_s"}
 
 
 class Server:
-    def __init__(self, device_factory: Callable[[], Device], socket_path: str, *,
-                 client: bool = False, options: BackendOptions = BackendOptions(),
-                 max_connections: int | None = None) -> None:
+    def __init__(self, device_factory: Callable[[], Device], socket_path: str | None = None, *,
+                 listener: Listener | None = None, client: bool = False,
+                 options: BackendOptions = BackendOptions(),
+                 max_connections: int | None = None, warm_up: bool = True) -> None:
+        """Serve `device_factory()` devices, one per connection, on `socket_path` (listening,
+        or connecting with `client=True`) or on `listener`, which the server then owns and
+        closes. `warm_up=False` skips the warm-up device (tests that need no compiled code)."""
+        if (socket_path is None) == (listener is None):
+            raise ValueError("give exactly one of socket_path and listener")
+        if client and listener is not None:
+            raise ValueError("client mode connects to socket_path; a listener is for server mode")
         self.device_factory = device_factory
         self.socket_path = socket_path
         self.client = client
         self.options = options
         self.max_connections = max_connections
         self.connections = 0
+        self._listener = listener
+        self._warm_up = warm_up
         self._stop = EventFd.create("server-stop")
         self._stopping = False
         self._lock = threading.Lock()  # guards _totals and current
@@ -49,19 +64,40 @@ class Server:
         self.current: Backend | None = None
         self.listening = threading.Event()  # set once the socket accepts connections
 
+    @property
+    def where(self) -> str:
+        """The socket, for messages: its path, or the fd it was handed."""
+        return self._listener.name if self._listener is not None else str(self.socket_path)
+
     def stop(self) -> None:
         """Ask serve_forever() to return (safe from a signal handler)."""
         self._stopping = True
         self._stop.signal()
 
+    def warm_up(self) -> None:
+        """Make one device and call its `warm_up()`: its kernels compile (or load from numba's
+        cache) now rather than in the first frontend's first burst."""
+        device = self.device_factory()
+        t0 = time.monotonic()
+        device.warm_up()
+        log.debug("%s device warmed up in %.2f s", device.name, time.monotonic() - t0)
+
     def serve_forever(self) -> None:
-        listener = None if self.client else Listener(self.socket_path)
-        self.listening.set()
+        """Warm up, listen (or connect), and serve frontends until `stop()`, or until
+        `max_connections` have been served. Raises OSError if the socket cannot be made."""
+        listener = self._listener
         try:
+            if self._warm_up:
+                self.warm_up()
+            if listener is None and not self.client:
+                assert self.socket_path is not None
+                listener = Listener(self.socket_path)
+            self.listening.set()
             while not self._stopping:
                 if listener is not None:
                     conn = listener.accept(self._stop.fileno())
                 else:
+                    assert self.socket_path is not None
                     conn = connect(self.socket_path, stop_fd=self._stop.fileno())
                 self.serve_connection(conn)
                 if self.max_connections is not None and self.connections >= self.max_connections:
@@ -135,6 +171,8 @@ def _accumulate(totals: dict[str, Any], stats: dict[str, Any]) -> None:
 
 
 def _summary(stats: dict[str, Any]) -> str:
-    keys = ("tx_packets", "tx_bytes", "direct_rounds", "copy_rounds", "invalidations",
-            "queues_broken")
-    return ", ".join(f"{k}={stats[k]}" for k in keys if k in stats)
+    """The session's counters that moved (the device's own and the daemon's), `key=value`."""
+    moved = [f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v}"
+             for k, v in stats.items()
+             if isinstance(v, (int, float)) and not isinstance(v, bool) and v]
+    return ", ".join(moved) or "no counter moved"
