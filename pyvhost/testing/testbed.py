@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, NamedTuple, Sequence
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 GUEST_DIR = Path(os.environ.get("PYVHOST_GUEST_DIR", REPO_ROOT / ".cache" / "guest"))
@@ -193,8 +193,8 @@ def testpmd_eal_args(
 
 
 # Their names start with "test": keep pytest from collecting them where imported.
-testpmd_lcores.__test__ = False
-testpmd_eal_args.__test__ = False
+testpmd_lcores.__test__ = False  # type: ignore[attr-defined]
+testpmd_eal_args.__test__ = False  # type: ignore[attr-defined]
 
 
 @dataclasses.dataclass
@@ -265,7 +265,8 @@ def _key_values(block: str) -> dict[str, int]:
 def _port_stats(port: int | None, block: str) -> PortStats:
     values = _key_values(block)
     known = {f.name for f in dataclasses.fields(PortStats)} - {"port", "extra"}
-    stats = PortStats(port, **{k: v for k, v in values.items() if k in known})
+    counters: dict[str, Any] = {k: v for k, v in values.items() if k in known}
+    stats = PortStats(port, **counters)
     stats.extra = {k: v for k, v in values.items() if k not in known}
     return stats
 
@@ -399,7 +400,7 @@ class Testpmd:
         """SIGINT (testpmd stops forwarding, prints final statistics, exits); parse them."""
         if self.result is not None:
             return self.result
-        assert self._proc is not None, "not started"
+        assert self._proc is not None and self._output is not None, "not started"
         if self._proc.poll() is None:
             self._proc.send_signal(signal.SIGINT)
         try:
@@ -445,6 +446,7 @@ class Testpmd:
     def wait_for(self, pattern: str | re.Pattern, timeout: float = 30.0, start: int = 0) -> re.Match:
         """Wait until `pattern` appears in the log (from offset `start`); raise on exit/timeout."""
         regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+        assert self._output is not None, "not started"
         match = self._output.wait_for(regex, start, time.monotonic() + timeout)
         if not match:
             raise TestbedError(self._failure(f"no {regex.pattern!r} within {timeout}s"))
@@ -457,6 +459,7 @@ class Testpmd:
         if not self.interactive:
             raise TestbedError("commands need Testpmd(interactive=True)")
         start = len(self.log)
+        assert self._proc is not None and self._proc.stdin is not None, "not started"
         try:
             self._proc.stdin.write(line.encode() + b"\n")
             self._proc.stdin.flush()
@@ -842,12 +845,13 @@ class GuestVM:
         end = re.compile(rf"\r?\npyvhost:{token}:end:(\d+)\r?\n")
         line = (f"printf '\\npyvhost:%s:begin\\n' {token}; ({script}) </dev/null 2>&1; "
                 f"printf '\\npyvhost:%s:end:%d\\n' {token} $?\n")
+        assert self._console is not None
         start = len(self.console_log)
         self._write(line.encode())
         deadline = time.monotonic() + timeout
         opened = self._console.wait_for(begin, start, deadline)
-        closed = opened and self._console.wait_for(end, opened.end(), deadline)
-        if not closed:
+        closed = self._console.wait_for(end, opened.end(), deadline) if opened else None
+        if not opened or not closed:
             partial = self.console_log[opened.end():] if opened else ""
             self._interrupt(end, start)
             raise GuestTimeout(self._failure(f"command {shown!r} did not finish in {timeout}s"),
@@ -860,11 +864,12 @@ class GuestVM:
 
     def _interrupt(self, end: re.Pattern, start: int) -> None:
         """Ctrl-C the running command and resynchronise on its end marker."""
-        if self.running():
+        if self.running() and self._console is not None:
             self._write(b"\x03")
             self._console.wait_for(end, start, time.monotonic() + 5.0)
 
     def _write(self, data: bytes) -> None:
+        assert self._proc is not None and self._proc.stdin is not None, "not started"
         with self._write_lock:
             try:
                 self._proc.stdin.write(data)
@@ -893,7 +898,7 @@ class NetNamespace:
 
     def __init__(self, name: str | None = None):
         self.name = name or unique_name("ns")[:60]
-        self.ipr = None
+        self.ipr: Any = None  # a pyroute2 NetNS while open
 
     def __enter__(self) -> "NetNamespace":
         from pyroute2 import NetNS, netns
