@@ -8,25 +8,24 @@ import dataclasses
 from pathlib import Path
 
 from pyvhost.bench import vhost as V
-from pyvhost.cli import format_rates
+from pyvhost.cli import format_rates_json
 
 
 def test_rate_line_matches_what_pyvhost_prints():
     prev = {"tx_packets": 0, "tx_bytes": 0, "direct_rounds": 0, "copy_rounds": 0}
     cur = {"tx_packets": 12_345_000, "tx_bytes": 790_080_000, "direct_rounds": 30_000,
            "copy_rounds": 5}
-    match = V._RATE_LINE.match(format_rates(prev, cur, 1.0))
-    assert match, format_rates(prev, cur, 1.0)
-    assert float(match["mpps"]) == 12.345
-    assert (int(match["direct"]), int(match["copy"])) == (30000, 5)
+    values = V.parse_stats_line(format_rates_json(prev, cur, 1.0, 1.0))
+    assert values is not None
+    assert values["mpps"] == 12.345 and values["gbps"] == 790_080_000 * 8 / 1e9
+    assert (values["direct"], values["copy"]) == (30000, 5)
+    assert V.parse_stats_line("2026-12-01 12:00:00,000 INFO pyvhost: a log line") is None
 
 
 def test_rate_line_with_rx_rate():
-    line = format_rates({}, {"tx_packets": 10**6, "rx_packets": 2 * 10**6}, 1.0)
-    match = V._RATE_LINE.match(line)
-    assert match and float(match["mpps"]) == 1.0
-    if "| rx" in line:  # pyvhost with an RX path prints its rate too
-        assert float(match["rx"]) == 2.0
+    values = V.parse_stats_line(format_rates_json(
+        {}, {"tx_packets": 10**6, "rx_packets": 2 * 10**6}, 1.0, 1.0))
+    assert values is not None and values["mpps"] == 1.0 and values["rx"] == 2.0
 
 
 def _process_with_lines(lines):

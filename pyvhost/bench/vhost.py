@@ -15,9 +15,9 @@ Method. Each sample is one fresh backend process and one fresh generator. Conten
 within every repetition (and the order rotates between repetitions), so machine noise hits
 them alike. After the generator reports forwarding, a warm-up is skipped, then the backend's
 *own* received count is sampled over a fixed window:
-- pyvhost: its periodic statistics lines (`--stats-interval`; each is its own
-  delta-count / delta-t); the lines whose interval lies inside the window are combined,
-  weighted by their length;
+- pyvhost: its periodic statistics lines (`--stats-interval`, `--stats-format json`; each
+  is its own delta-count / delta-t); the lines whose interval lies inside the window are
+  combined, weighted by their length;
 - DPDK: `show port stats all` (interactive testpmd) at the window's start and then every
   interval; the figure is delta(rx_packets) / delta(t) from the first to the last reading.
 After the window the generator stops forwarding (ports stay up, the backend drains), and the
@@ -39,7 +39,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import statistics
@@ -221,10 +220,23 @@ def _pyvhost_rx_sources() -> list[str]:
 
 # -- pyvhost as a backend process ------------------------------------------------------------
 
-# The statistics line of `pyvhost net` (pyvhost.cli.format_rates).
-_RATE_LINE = re.compile(
-    r"^tx\s+(?P<mpps>[\d.]+) Mpps\s+(?P<gbps>[\d.]+) Gbit/s \| rounds direct\s+(?P<direct>\d+)/s"
-    r" copy\s+(?P<copy>\d+)/s(?:.*\| rx\s+(?P<rx>[\d.]+) Mpps)?")
+def parse_stats_line(line: str) -> dict[str, float] | None:
+    """One statistics line of `pyvhost net --stats-format json` (pyvhost.cli.format_rates_json)
+    as this harness uses it: Mpps and Gbit/s sent by the guest ("mpps", "gbps"), rounds/s on
+    the direct map and the copy path, and Mpps delivered to the guest ("rx", when the device
+    counts it); None for any other line (a log line)."""
+    if not line.startswith("{"):
+        return None
+    try:
+        rates = json.loads(line)["rates"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    values = {"mpps": rates.get("tx_packets", 0.0) / 1e6,
+              "gbps": rates.get("tx_bytes", 0.0) * 8 / 1e9,
+              "direct": rates.get("direct_rounds", 0.0), "copy": rates.get("copy_rounds", 0.0)}
+    if "rx_packets" in rates:
+        values["rx"] = rates["rx_packets"] / 1e6
+    return values
 
 
 class PyvhostProcess:
@@ -237,7 +249,8 @@ class PyvhostProcess:
         self.argv = ["taskset", "-c", str(cpu), sys.executable, "-m", "pyvhost", "net",
                      "--socket-path", str(socket_path), "--poll",
                      "--metadata-access", metadata_access, "--stats-json", str(stats_json),
-                     "--stats-interval", str(interval), "--log-level", "WARNING", *extra_args]
+                     "--stats-interval", str(interval), "--stats-format", "json",
+                     "--log-level", "WARNING", *extra_args]
         self.rates: list[tuple[float, dict[str, float]]] = []  # (arrival, parsed line)
         self.log: list[str] = []
         self._proc: subprocess.Popen | None = None
@@ -271,10 +284,9 @@ class PyvhostProcess:
         for line in self._proc.stderr:
             now = time.monotonic()
             line = line.rstrip("\n")
-            match = _RATE_LINE.match(line)
-            if match:
-                self.rates.append((now, {k: float(v) for k, v in match.groupdict().items()
-                                         if v is not None}))
+            values = parse_stats_line(line)
+            if values is not None:
+                self.rates.append((now, values))
             else:
                 self.log.append(line)
 
