@@ -35,7 +35,7 @@ from pyvhost.protocol import (
     VringFd,
     VringState,
 )
-from pyvhost.protocol.constants import VHOST_USER_F_PROTOCOL_FEATURES
+from pyvhost.protocol.constants import VHOST_F_LOG_ALL, VHOST_USER_F_PROTOCOL_FEATURES
 from pyvhost.ring.layout import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
@@ -156,9 +156,9 @@ def negotiate(fe: MiniFrontend, *, event_idx: bool = True) -> int:
         wanted |= 1 << VIRTIO_RING_F_EVENT_IDX
     proto = fe.request(R.GET_PROTOCOL_FEATURES).value
     for f in (P.MQ, P.REPLY_ACK, P.BACKEND_REQ, P.CONFIG, P.CONFIGURE_MEM_SLOTS,
-              P.RESET_DEVICE, P.STATUS):
+              P.RESET_DEVICE, P.STATUS, P.LOG_SHMFD):
         assert proto & f.mask, f.name
-    assert not proto & P.LOG_SHMFD.mask
+    assert offered >> VHOST_F_LOG_ALL & 1  # live migration: dirty logging
     fe.request(R.SET_PROTOCOL_FEATURES, U64(proto))
     fe.request(R.SET_OWNER)
     assert fe.acked(R.SET_FEATURES, U64(wanted)) == 0
@@ -353,16 +353,19 @@ def test_status_and_reset_device(daemon, ram):
     assert not any(vr.running for vr in daemon.backend.vrings)
 
 
-def test_logging_is_refused_cleanly(daemon, ram):
+def test_logging_is_accepted(daemon, ram):
+    """Dirty logging (live migration) is never refused: QEMU aborts if it is."""
     fe = daemon.frontend
     negotiate(fe)
-    assert fe.acked(R.SET_FEATURES, U64((1 << VIRTIO_F_VERSION_1) | (1 << 26))) != 0
+    assert fe.acked(R.SET_FEATURES, U64((1 << VIRTIO_F_VERSION_1) | (1 << 26))) == 0
     memfd = os.memfd_create("log")
     try:
+        os.ftruncate(memfd, 4096)
         from pyvhost.protocol import LogDesc
-        assert fe.acked(R.SET_LOG_BASE, LogDesc(4096, 0), [memfd]) != 0
+        assert isinstance(fe.request(R.SET_LOG_BASE, LogDesc(4096, 0), [memfd]), U64)
     finally:
         os.close(memfd)
+    assert daemon.stats()["log_enabled"] == 1
     assert fe.request(R.GET_QUEUE_NUM).value == 3  # still serving
 
 

@@ -35,6 +35,7 @@ from pyvhost.daemon.vring import Vring
 from pyvhost.daemon.worker import Worker, group_rings
 from pyvhost.device import ConfigError, Device, RequestRunner
 from pyvhost.fd import OwnedFd
+from pyvhost.memory.dirty_log import BadLogError, DirtyLog
 from pyvhost.memory.epoch import GraceTimeout
 from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
 from pyvhost.memory.guest_memory import GuestMemory
@@ -63,9 +64,11 @@ from pyvhost.protocol.constants import (
     VHOST_VRING_F_LOG,
     ConfigFlags,
 )
+from pyvhost.protocol.messages import LogDesc
 from pyvhost.ring import kernels as K
 from pyvhost.ring.layout import (
     VIRTIO_F_IN_ORDER,
+    VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     avail_ring_size,
@@ -83,9 +86,21 @@ P = ProtocolFeature
 # Device status bits (virtio 1.x 2.1).
 STATUS_DEVICE_NEEDS_RESET = 0x40
 
-# Protocol features every device gets. LOG_SHMFD is deliberately absent: no dirty logging yet.
+# Protocol features every device gets. LOG_SHMFD (with VHOST_F_LOG_ALL): live migration.
 BASE_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.BACKEND_REQ.mask | P.CONFIG.mask
-                          | P.CONFIGURE_MEM_SLOTS.mask | P.RESET_DEVICE.mask | P.STATUS.mask)
+                          | P.CONFIGURE_MEM_SLOTS.mask | P.RESET_DEVICE.mask | P.STATUS.mask
+                          | P.LOG_SHMFD.mask)
+
+
+# Virtio transport features the ring layer implements for every device (virtio 1.x 6): offered
+# whatever the device's own bits. QEMU's vhost-user-rng-pci hands the guest's INDIRECT_DESC and
+# EVENT_IDX to SET_FEATURES without looking at GET_FEATURES; refusing them left the guest
+# waiting for used buffers it never kicked for.
+TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+                      | (1 << VIRTIO_RING_F_EVENT_IDX))
+# Reserved transport feature bits (24..40): a frontend that passes one we did not offer gets it
+# ignored with a warning instead of a refusal (a device-type bit not offered is refused).
+TRANSPORT_BIT_RANGE = ((1 << 41) - 1) & ~((1 << 24) - 1)
 
 
 class RequestRefused(Exception):
@@ -138,6 +153,7 @@ class Backend:
         self.owner = False
         self.status = 0
         self.backend_req: OwnedFd | None = None
+        self.log_fd: EventFd | None = None
         self.queues_broken = 0
         self.requests = 0
         self.refused = 0
@@ -154,8 +170,8 @@ class Backend:
             R.ADD_MEM_REG: self._add_mem_reg,
             R.REM_MEM_REG: self._rem_mem_reg,
             R.GET_MAX_MEM_SLOTS: lambda msg: U64(MAX_MEM_SLOTS),
-            R.SET_LOG_BASE: self._no_logging,
-            R.SET_LOG_FD: self._no_logging,
+            R.SET_LOG_BASE: self._set_log_base,
+            R.SET_LOG_FD: self._set_log_fd,
             R.SET_VRING_NUM: self._set_vring_num,
             R.SET_VRING_ADDR: self._set_vring_addr,
             R.SET_VRING_BASE: self._set_vring_base,
@@ -206,7 +222,8 @@ class Backend:
 
     @property
     def offered_features(self) -> int:
-        return self.device.device_features | (1 << VHOST_USER_F_PROTOCOL_FEATURES)
+        return (self.device.device_features | TRANSPORT_FEATURES
+                | (1 << VHOST_USER_F_PROTOCOL_FEATURES) | (1 << VHOST_F_LOG_ALL))
 
     def _dispatch(self, msg: Message) -> list[Outgoing]:
         self.requests += 1
@@ -248,10 +265,20 @@ class Backend:
     def _set_features(self, msg: Message) -> None:
         value = _u64(msg)
         extra = value & ~self.offered_features
-        if value & (1 << VHOST_F_LOG_ALL):
-            raise RequestRefused("VHOST_F_LOG_ALL: dirty logging is not implemented")
-        if extra:
+        if extra & ~TRANSPORT_BIT_RANGE:
             raise RequestRefused(f"features 0x{extra:x} were not offered")
+        if extra:
+            log.warning("%s: SET_FEATURES passes transport features 0x%x that were not "
+                        "offered; ignored", self.name, extra)
+            value &= ~extra
+        log_all = bool(value >> VHOST_F_LOG_ALL & 1)
+        if log_all != self.memory.log_all:
+            # Never refused (QEMU aborts if it is): a LOG_ALL without a log yet (migration
+            # failed after the VM stopped: QEMU restarts the rings first) logs nothing until
+            # SET_LOG_BASE. Turning it off is migration cancelled or done.
+            self.memory.set_log_all(log_all)
+            log.info("%s: dirty logging %s%s", self.name, "on" if log_all else "off",
+                     "" if self.memory.log is not None or not log_all else " (no log yet)")
         with self._paused(self.vrings):
             self.features = value
             self.device.set_features(value)
@@ -284,8 +311,32 @@ class Backend:
             vr.enabled = False
             self._update(vr)
 
-    def _no_logging(self, msg: Message) -> None:
-        raise RequestRefused("dirty logging (LOG_SHMFD) is not implemented")
+    def _set_log_base(self, msg: Message) -> Payload | None:
+        """Map the new log, switch every burst to it (a grace period), unmap the old one."""
+        d = msg.payload
+        assert isinstance(d, LogDesc)
+        try:
+            new = DirtyLog(msg.take_fd(), d.mmap_size, d.mmap_offset)
+        except BadLogError as exc:
+            raise ConnectionFatal(f"SET_LOG_BASE: {exc}") from exc
+        if not new.covers(self.memory.table.gpa_end):
+            # QEMU sends a smaller log after the memory shrank, a bigger one before it grows:
+            # pages past its end are counted (log_dropped), never refused.
+            log.warning("%s: dirty log of %d bytes covers less than the guest memory (%d MiB)",
+                        self.name, d.mmap_size, self.memory.table.gpa_end >> 20)
+        self.memory.set_log(new)
+        log.info("%s: dirty log: %d bytes (%d MiB of guest memory)%s", self.name, d.mmap_size,
+                 d.mmap_size * 8 * 4096 >> 20, "" if self.memory.log_all else ", not yet on")
+        # Answered only with LOG_SHMFD; QEMU 7.2 checks nothing but the flags of the reply.
+        return U64(0) if self.protocol.expects_reply(msg) else None
+
+    def _set_log_fd(self, msg: Message) -> None:
+        """Signalled when logging bits were flushed for good (rings stopped); QEMU never
+        sends it, libvhost-user-style frontends may."""
+        new = _eventfd(msg, "log")
+        if self.log_fd is not None:
+            self.log_fd.close()
+        self.log_fd = new
 
     def _device_message(self, msg: Message) -> None:
         """A device-type-specific request: the device says whether it takes it."""
@@ -348,14 +399,13 @@ class Backend:
         a = msg.payload
         assert isinstance(a, VringAddr)
         vr = self._vring(a.index)
-        if a.flags & (1 << VHOST_VRING_F_LOG):
-            raise RequestRefused(f"queue {vr.index}: used-ring logging requested, but dirty "
-                                 "logging is not implemented")
         if len(self.memory.table):
             self._check_mapped(vr.index, vr.queue.size, a.desc, a.avail, a.used)
+        log_used = a.flags & (1 << VHOST_VRING_F_LOG)
         with self._paused([vr]):
             try:
                 vr.queue.set_addresses(a.desc, a.avail, a.used)  # type: ignore[arg-type]
+                vr.queue.set_used_log(a.log if log_used else None)
             except ValueError as exc:
                 raise RequestRefused(str(exc)) from exc
 
@@ -389,6 +439,8 @@ class Backend:
         self._stop_ring(vr)
         log.info("%s: GET_VRING_BASE queue %d: next avail %d", self.name, index,
                  vr.queue.next_avail)
+        if self.log_fd is not None and self.memory.log_all:
+            self.log_fd.signal()  # every bit of this ring is set (its bursts flushed them)
         return VringState(index, vr.queue.next_avail)
 
     def _set_vring_kick(self, msg: Message) -> None:
@@ -619,6 +671,9 @@ class Backend:
         for key in ("requests", "deferred", "in_flight"):
             if runners:
                 s[f"device_{key}"] = sum(r[key] for r in runners)
+        s["log_enabled"] = int(self.memory.table.logging)
+        s["log_pages"] = sum(vr.queue.log_pages for vr in self.vrings)
+        s["log_dropped"] = sum(int(vr.queue.q[K.Q_LOG_DROPPED]) for vr in self.vrings)
         s["requests"] = self.requests
         s["requests_refused"] = self.refused
         return s
@@ -651,6 +706,9 @@ class Backend:
         if self.backend_req is not None:
             self.backend_req.close()
             self.backend_req = None
+        if self.log_fd is not None:
+            self.log_fd.close()
+            self.log_fd = None
         self.protocol.close()
 
 
