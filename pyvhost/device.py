@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Sequence
 import numpy as np
 
 from pyvhost.memory.guest_memory import TablePin
-from pyvhost.memory.table import KernelMemory, RegionTable
+from pyvhost.memory.table import KM_LOG, KernelMemory, RegionTable
 from pyvhost.ring import kernels as K
 from pyvhost.ring.chains import ChainScratch
 from pyvhost.ring.direct_map import RingViews
@@ -110,7 +110,7 @@ class Request:
     memoryviews it handed out are released when it ends."""
 
     __slots__ = ("queue", "head", "readable_size", "writable_size", "_b", "_p0", "_pw", "_p1",
-                 "_state", "_views")
+                 "_state", "_views", "_written", "_exposed")
 
     def __init__(self, queue: int, head: int, readable_size: int, writable_size: int,
                  pieces: _Pieces, p0: int, pw: int, p1: int) -> None:
@@ -126,6 +126,8 @@ class Request:
         self._p1 = p1
         self._state = _OPEN
         self._views: list[memoryview] | None = None
+        self._written = 0        # writable bytes [0, _written) may hold what write() stored
+        self._exposed = False    # writable buffers handed out (views, iovecs): all may change
 
     def __repr__(self) -> str:
         return (f"Request(queue={self.queue}, head={self.head}, readable={self.readable_size}, "
@@ -164,6 +166,8 @@ class Request:
         n = len(data)
         if offset < 0 or offset + n > self.writable_size:
             _range_error("write", offset, n, self.writable_size)
+        if offset + n > self._written:
+            self._written = offset + n
         b, pw = self._b, self._pw
         if pw + 1 == self._p1:  # one buffer: the common case
             off = b.offsets[pw] + offset
@@ -187,6 +191,7 @@ class Request:
         """(host address, length) pieces of the writable bytes [offset, offset+size); e.g.
         a block device's data buffers are `writable_iovecs(0, writable_size - 1)` and its
         status byte `write(bytes([status]), writable_size - 1)`."""
+        self._exposed = True
         return self._iovecs(self._pw, self._p1, offset, size, self.writable_size)
 
     def readable_views(self) -> list[memoryview]:
@@ -195,6 +200,7 @@ class Request:
 
     def writable_views(self) -> list[memoryview]:
         """The writable buffers as memoryviews (released when the request ends)."""
+        self._exposed = True
         return self._buffer_views(self._pw, self._p1)
 
     def _iovecs(self, a: int, z: int, offset: int, size: int, limit: int
@@ -251,6 +257,15 @@ class Request:
             offset = 0
             size -= take
 
+    def _dirty(self, used: int) -> list[tuple[int, int]]:
+        """Guest-physical ranges the device may have written: the writable bytes up to the
+        used length or the last byte write() stored, all of them once buffers were handed out
+        (for the dirty log, which must over-approximate, never miss)."""
+        end = self.writable_size if self._exposed else max(used, self._written)
+        b = self._b
+        return [(b.gpas[p] + o - b.offsets[p], n) for p, o, n in
+                self._pieces(self._pw, self._p1, 0, end)]
+
     def _detach(self) -> None:
         """Own copies of the burst's pieces (its lists are the next burst's no longer, but
         keeping only this chain's pieces lets the rest go)."""
@@ -280,7 +295,7 @@ def _range_error(what: str, offset: int, size: int, limit: int) -> None:
 class Pending:
     """A deferred request. `complete(used_len)` may be called once, from any thread."""
 
-    __slots__ = ("request", "_runner", "_pin", "_generation")
+    __slots__ = ("request", "_runner", "_pin", "_generation", "dirty")
 
     def __init__(self, request: Request, runner: "RequestRunner", pin: TablePin,
                  generation: int) -> None:
@@ -288,6 +303,7 @@ class Pending:
         self._runner = runner
         self._pin = pin
         self._generation = generation  # the runner's: a ring that stopped since drops it
+        self.dirty: list[tuple[int, int]] = []  # set at completion, logged when published
 
     def complete(self, used_len: int) -> None:
         """The device is done with the request: `used_len` bytes were written for the driver.
@@ -479,6 +495,7 @@ class RequestRunner:
         index = queue.index
         used_heads: list[int] = []
         used_lens: list[int] = []
+        dirty: list[tuple[int, int]] | None = [] if table.logging else None
         failure = None
         p0 = 0
         for k in range(n):
@@ -497,10 +514,14 @@ class RequestRunner:
                 if req._state == _OPEN:
                     req._close()
                 break
+            if dirty is not None:
+                dirty.extend(req._dirty(used))
             req._close()
             used_heads.append(req.head)
             used_lens.append(used)
         if used_heads:
+            if dirty:
+                self._log(mem, dirty)
             notify = self._publish(mem, views, used_heads, used_lens) or notify
         if failure is not None:
             queue.fail_device(f"{type(self.device).__name__}.handle() raised "
@@ -518,6 +539,12 @@ class RequestRunner:
                               np.array(lens, dtype=np.int64), n)
         return bool(r == 1)
 
+    def _log(self, mem: KernelMemory, dirty: list[tuple[int, int]]) -> None:
+        """Dirty-log what Python wrote into guest buffers (before used->idx is published)."""
+        n = len(dirty)
+        K.log_ranges(mem, self.queue.q, np.fromiter((g for g, _ in dirty), np.int64, n),
+                     np.fromiter((ln for _, ln in dirty), np.int64, n), n)
+
     def _flush(self, mem: KernelMemory, views: RingViews) -> tuple[int, bool]:
         """Publish the deferred requests completed since the last round."""
         items = []
@@ -526,6 +553,8 @@ class RequestRunner:
             items.append(inbox.popleft())
         if not items:
             return 0, False
+        if mem[KM_LOG].shape[0]:
+            self._log(mem, [r for _, _, pending in items for r in pending.dirty])
         notify = self._publish(mem, views, [h for h, _, _ in items], [ln for _, ln, _ in items])
         for _, _, pending in items:
             pending._pin.release()
@@ -557,6 +586,7 @@ class RequestRunner:
             raise RequestError(f"{req!r} completed twice")
         if type(used_len) is not int or not 0 <= used_len <= req.writable_size:
             raise RequestError(f"used length {used_len!r} outside 0..{req.writable_size}")
+        pending.dirty = req._dirty(used_len)
         req._close()
         with self._lock:
             if pending._generation != self.generation:  # the ring stopped without it: drop it
@@ -606,5 +636,6 @@ def warm_up_request_kernels() -> None:
     q.set_size(1)
     empty = np.zeros(1, dtype=np.int64)
     K.push_used_burst(mem, q.q, NO_VIEWS, empty, empty, 0)
+    K.log_ranges(mem, q.q, empty, empty, 0)
     K.enable_notification(mem, q.q, NO_VIEWS)
     K.disable_notification(mem, q.q, NO_VIEWS)

@@ -19,7 +19,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import numpy as np
+
 from pyvhost.fd import OwnedFd
+from pyvhost.memory.dirty_log import NO_LOG, DirtyLog
 from pyvhost.memory.epoch import EpochDomain, GraceTimeout
 from pyvhost.memory.errors import BadRegionError
 from pyvhost.memory.region import MappedRegion, RegionSpec
@@ -76,6 +79,10 @@ class GuestMemory:
         self._retired: list[MappedRegion] = []
         self._writer = threading.Lock()  # writers serialise; readers never take it
         self._pins = threading.Lock()    # region pin counts and the retired list
+        #: The frontend's dirty log (SET_LOG_BASE) and whether the device writes it (LOG_ALL).
+        self.log: DirtyLog | None = None
+        self.log_all = False
+        self._retired_logs: list[DirtyLog] = []
 
     def add_listener(self, listener: Listener) -> None:
         self._listeners.append(listener)
@@ -106,7 +113,7 @@ class GuestMemory:
         pending = list(regions)
         mapped = _map_all(pending)
         try:
-            new = RegionTable(tuple(mapped))
+            new = RegionTable(tuple(mapped), self.table.log)
         except BadRegionError:
             _close_new(mapped)
             raise
@@ -147,9 +154,37 @@ class GuestMemory:
     def clear(self) -> None:
         self._publish(RegionTable())
 
+    # -- the dirty log (live migration) --
+
+    def set_log(self, log: DirtyLog | None) -> None:
+        """SET_LOG_BASE: from the return on, no burst writes the old log; it is unmapped."""
+        with self._writer:
+            old, self.log = self.log, log
+            completed = self._publish_locked(self.table.with_log(self._active_log()))
+            if old is not None:
+                self._retired_logs.append(old)
+            if completed:
+                self._retired_logs = [g for g in self._retired_logs if not g.close()]
+
+    def set_log_all(self, on: bool) -> None:
+        """VHOST_F_LOG_ALL turned on or off (SET_FEATURES): from the return on, every write of
+        the device is logged, or none is."""
+        with self._writer:
+            if on != self.log_all:
+                self.log_all = on
+                self._publish_locked(self.table.with_log(self._active_log()))
+
+    def _active_log(self) -> np.ndarray:
+        return self.log.kernel if self.log_all and self.log is not None else NO_LOG
+
     def close(self) -> None:
         """Unmap everything (connection end). Workers must be stopped or idle by now."""
         self.clear()
+        self.log_all = False
+        if self.log is not None:
+            self._retired_logs.append(self.log)
+            self.log = None
+        self._retired_logs = [g for g in self._retired_logs if not g.close()]
         with self._pins:
             self._retired = [r for r in self._retired if not r.close()]
         if self._retired:
@@ -170,7 +205,7 @@ class GuestMemory:
         with self._writer:
             self._publish_locked(new)
 
-    def _publish_locked(self, new: RegionTable) -> None:
+    def _publish_locked(self, new: RegionTable) -> bool:
         new.kernel()  # built here, not on a worker's first burst
         old, self.table = self.table, new
         try:
@@ -190,6 +225,7 @@ class GuestMemory:
             # Every burst that could hold an old table (or its raw host addresses) has ended.
             old.release_kernel()
             self._retry_retired()
+        return grace_completed
 
     def _retry_retired(self) -> None:
         # close() refuses while numpy views of a region live or deferred requests pin it;

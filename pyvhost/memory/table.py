@@ -13,6 +13,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 
 from pyvhost.memory.address import GuestAddress, UserAddress
+from pyvhost.memory.dirty_log import NO_LOG
 from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
 from pyvhost.memory.region import MappedRegion
 
@@ -27,6 +28,7 @@ KM_USER_START = 1  # frontend user address of each region
 KM_SIZE = 2
 KM_BY_USER = 3     # region indices sorted by user address
 KM_HOST = 4        # host address of each region's first byte in our mapping
+KM_LOG = 5         # the dirty log while logging: [host address, bytes]; empty otherwise
 KernelMemory = tuple
 
 
@@ -39,12 +41,16 @@ class Segment(NamedTuple):
 
 
 class RegionTable:
-    __slots__ = ("regions", "_gpa_starts", "_user_order", "_user_starts", "_kernel", "_views")
+    __slots__ = ("regions", "log", "_gpa_starts", "_user_order", "_user_starts", "_kernel",
+                 "_views")
 
-    def __init__(self, regions: tuple[MappedRegion, ...] = ()) -> None:
+    def __init__(self, regions: tuple[MappedRegion, ...] = (), log: np.ndarray = NO_LOG
+                 ) -> None:
         if len(regions) > MAX_MEM_SLOTS:
             raise BadRegionError(f"{len(regions)} regions exceed the {MAX_MEM_SLOTS} slots")
         self.regions = tuple(sorted(regions, key=lambda r: r.spec.guest_phys_addr))
+        #: The dirty log the device writes while migrating (DirtyLog.kernel), or NO_LOG.
+        self.log = log
         self._gpa_starts = [r.spec.guest_phys_addr for r in self.regions]
         self._user_order = sorted(range(len(self.regions)),
                                   key=lambda i: self.regions[i].spec.userspace_addr)
@@ -63,10 +69,22 @@ class RegionTable:
         return iter(self.regions)
 
     def with_region(self, region: MappedRegion) -> "RegionTable":
-        return RegionTable(self.regions + (region,))
+        return RegionTable(self.regions + (region,), self.log)
 
     def without_region(self, region: MappedRegion) -> "RegionTable":
-        return RegionTable(tuple(r for r in self.regions if r is not region))
+        return RegionTable(tuple(r for r in self.regions if r is not region), self.log)
+
+    def with_log(self, log: np.ndarray) -> "RegionTable":
+        """The same regions, with the device writing into `log` (or NO_LOG: not logging)."""
+        return RegionTable(self.regions, log)
+
+    @property
+    def logging(self) -> bool:
+        return self.log.shape[0] != 0
+
+    @property
+    def gpa_end(self) -> int:
+        return max((r.spec.gpa_end for r in self.regions), default=0)
 
     def find_exact(self, guest_phys_addr: int, memory_size: int,
                    userspace_addr: int) -> MappedRegion | None:
@@ -138,7 +156,8 @@ class RegionTable:
                 np.array([r.spec.userspace_addr for r in self.regions], dtype=np.int64),
                 np.array([r.spec.memory_size for r in self.regions], dtype=np.int64),
                 np.array(self._user_order, dtype=np.int64),
-                np.array([r.mapped_data().ctypes.data for r in self.regions], dtype=np.int64))
+                np.array([r.mapped_data().ctypes.data for r in self.regions], dtype=np.int64),
+                self.log)
         return self._kernel
 
     def memoryviews(self) -> list[memoryview]:

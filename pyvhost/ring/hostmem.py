@@ -64,6 +64,20 @@ store_u32 = _atomic_store(32, types.uint32)
 
 
 @intrinsic
+def atomic_or_u8(typingctx, addr, value):
+    """`*addr |= value` as one atomic read-modify-write (LLVM `atomicrmw or`; x86 `lock or`,
+    which also orders every earlier store before it). The dirty log is shared with the
+    frontend, which clears it with xchg while we set bits, and with our other workers: a plain
+    OR would lose bits (DPDK 897f13a1f7)."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        val = context.cast(builder, args[1], signature.args[1], types.uint8)
+        builder.atomic_rmw("or", ptr, val, "monotonic")
+        return context.get_dummy_value()
+    return types.void(types.int64, value), codegen
+
+
+@intrinsic
 def prefetch(typingctx, addr):
     """Hint the CPU to start loading the cache line at a host address (LLVM `prefetch`, read,
     high locality). Never faults, so it may run before the address is known to be used; the

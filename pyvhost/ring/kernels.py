@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyvhost.memory.table import KM_BY_USER, KM_GPA_START, KM_HOST, KM_SIZE, KM_USER_START
+from pyvhost.memory.dirty_log import PAGE_SHIFT
+from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_LOG, KM_SIZE,
+                                  KM_USER_START)
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
-from pyvhost.ring.hostmem import (load_u8, load_u16, load_u32, prefetch, store_u8, store_u16,
-                                  store_u32)
+from pyvhost.ring.hostmem import (atomic_or_u8, load_u8, load_u16, load_u32, prefetch, store_u8,
+                                  store_u16, store_u32)
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
@@ -45,12 +47,19 @@ Q_ERROR = 9
 Q_ERROR_INFO = 10
 Q_CHAINS = 11           # chains consumed (counter)
 Q_NOTIFY_OFF = 12       # 1 while we asked the driver not to kick
-QSTATE_LEN = 16
+Q_LOG_USED = 13         # GPA of the used ring for the dirty log (SET_VRING_ADDR log_guest_addr)
+Q_LOG_PAGES = 14        # page bits this queue set in the dirty log (counter)
+Q_LOG_DROPPED = 15      # pages written beyond the end of the log (counted, not logged)
+Q_LOG_N = 16            # pages waiting in the log cache
+Q_LOG_CACHE = 17        # the log cache: page numbers written since the last flush
+LOG_CACHE_LEN = 32
+QSTATE_LEN = Q_LOG_CACHE + LOG_CACHE_LEN
 
 F_EVENT_IDX = 1
 F_INDIRECT = 2
 F_DIRECT = 4
 F_IN_ORDER = 8          # VIRTIO_F_IN_ORDER negotiated: buffers must be used in ring order (2.7.9)
+F_LOG_USED = 16         # VHOST_VRING_F_LOG: log used-ring writes at Q_LOG_USED (while logging)
 
 SPACE_GPA = 0
 SPACE_USER = 1
@@ -221,6 +230,78 @@ def _fail(q, code, info):
 fail = kernel(_fail)
 
 
+# ------------------------------------------------------------------------- dirty log --
+
+@inlined_kernel
+def log_write(mem, q, gpa, length):
+    """The device wrote [gpa, gpa+length): remember its pages for the dirty log (nothing
+    unless logging). Bits are set by log_flush, after a fence, never before the data."""
+    if mem[KM_LOG].shape[0] == 0 or length <= 0:
+        return
+    page = gpa >> PAGE_SHIFT
+    last = (gpa + length - 1) >> PAGE_SHIFT
+    while page <= last:
+        n = q[Q_LOG_N]
+        if n == 0 or q[Q_LOG_CACHE + n - 1] != page:
+            if n == LOG_CACHE_LEN:
+                log_flush(mem, q)
+                n = 0
+            q[Q_LOG_CACHE + n] = page
+            q[Q_LOG_N] = n + 1
+        page += 1
+
+
+@inlined_kernel
+def log_flush(mem, q):
+    """Set the bits of the cached pages (before used->idx is published, and before any entry
+    point returns with pages cached)."""
+    n = q[Q_LOG_N]
+    if n == 0:
+        return
+    q[Q_LOG_N] = 0
+    log = mem[KM_LOG]
+    if log.shape[0] == 0:  # logging stopped since they were cached: nothing to tell
+        return
+    base = log[0]
+    size = log[1]
+    # The data stores must be visible before we look at a bit: a bit seen set may be
+    # cleared by the frontend right after, and its page copied without our data.
+    fence_seq_cst()
+    for k in range(n):
+        page = q[Q_LOG_CACHE + k]
+        byte = page >> 3
+        if byte >= size:
+            q[Q_LOG_DROPPED] += 1
+            continue
+        bit = 1 << (page & 7)
+        if not (load_u8(base + byte) & bit):
+            atomic_or_u8(base + byte, bit)
+        q[Q_LOG_PAGES] += 1
+
+
+@inlined_kernel
+def log_used(mem, q, offset, length):
+    """A used-ring write at `offset`, logged at the ring's log_guest_addr (VHOST_VRING_F_LOG)."""
+    if q[Q_FLAGS] & F_LOG_USED:
+        log_write(mem, q, q[Q_LOG_USED] + offset, length)
+
+
+@kernel
+def log_ranges(mem, q, gpas, lens, n):
+    """log_write for n ranges the device wrote from Python (pyvhost.Request), then log_flush.
+    Called where the queue's kernels run (its worker, or the protocol thread with the ring
+    stopped): the cache in q is theirs."""
+    for k in range(n):
+        log_write(mem, q, gpas[k], lens[k])
+    log_flush(mem, q)
+
+
+@kernel
+def flush_log(mem, q):
+    """log_flush as an entry point (Python callers)."""
+    log_flush(mem, q)
+
+
 # ------------------------------------------------------------- metadata accessors (both) --
 
 @inlined_kernel
@@ -286,6 +367,7 @@ def read_table_desc(mem, space, table, i):
 
 @inlined_kernel
 def write_used_elem(mem, q, views, slot, head, length):
+    log_used(mem, q, 4 + 8 * slot, 8)  # (cached: the bit is set after the store, at flush)
     if q[Q_FLAGS] & F_DIRECT:
         views[3][2 * slot] = head
         views[3][2 * slot + 1] = length
@@ -299,16 +381,24 @@ def write_used_elem(mem, q, views, slot, head, length):
 def write_used_idx(mem, q, views, idx):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][1] = idx
-        return True
-    return store_bytes(mem, SPACE_USER, q[Q_USED] + 2, 2, idx)
+        ok = True
+    else:
+        ok = store_bytes(mem, SPACE_USER, q[Q_USED] + 2, 2, idx)
+    log_used(mem, q, 2, 2)
+    log_flush(mem, q)
+    return ok
 
 
 @inlined_kernel
 def write_used_flags(mem, q, views, flags):
     if q[Q_FLAGS] & F_DIRECT:
         views[2][0] = flags
-        return True
-    return store_bytes(mem, SPACE_USER, q[Q_USED], 2, flags)
+        ok = True
+    else:
+        ok = store_bytes(mem, SPACE_USER, q[Q_USED], 2, flags)
+    log_used(mem, q, 0, 2)
+    log_flush(mem, q)
+    return ok
 
 
 @inlined_kernel
@@ -316,8 +406,12 @@ def write_avail_event(mem, q, views, idx):
     size = q[Q_SIZE]
     if q[Q_FLAGS] & F_DIRECT:
         views[2][2 + 4 * size] = idx
-        return True
-    return store_bytes(mem, SPACE_USER, q[Q_USED] + 4 + 8 * size, 2, idx)
+        ok = True
+    else:
+        ok = store_bytes(mem, SPACE_USER, q[Q_USED] + 4 + 8 * size, 2, idx)
+    log_used(mem, q, 4 + 8 * size, 2)
+    log_flush(mem, q)
+    return ok
 
 
 # ------------------------------------------------------------------------ the algorithm --
@@ -562,20 +656,21 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     descriptor of min_len bytes or more inside one region, is popped (as pop_chain would pop
     it). Returns (head, host address), or head -1 having consumed nothing (take pop_chain,
     whose checks report whatever is wrong). The caller has F_DIRECT set and avail_count() > 0.
+    Returns (head, host address, guest-physical address).
     """
     if mem[KM_GPA_START].shape[0] == 0:
-        return -1, 0
+        return -1, 0, 0
     size = q[Q_SIZE]
     head, _ok = read_avail_slot(mem, q, views, q[Q_NEXT_AVAIL] & (size - 1))
     if head >= size:
-        return -1, 0
-    host, _addr, _length, _r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE,
-                                                min_len, 0)
+        return -1, 0, 0
+    host, addr, _length, _r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE,
+                                               min_len, 0)
     if host == 0:
-        return -1, 0
+        return -1, 0, 0
     q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
     q[Q_CHAINS] += 1
-    return head, host
+    return head, host, addr
 
 
 @inlined_kernel
@@ -620,7 +715,10 @@ def add_used(mem, q, views, head, length):
 
 @kernel
 def publish_used(mem, q, views):
-    """Make the written used elements visible: used->idx after the elements (2.7.8)."""
+    """Make the written used elements visible: used->idx after the elements (2.7.8). While
+    logging, the bits of every page written so far are set first (DPDK syncs its log cache
+    there too), and used->idx's own after it."""
+    log_flush(mem, q)
     fence_release()
     if not write_used_idx(mem, q, views, q[Q_NEXT_USED]):
         fail(q, E.RING_UNMAPPED, q[Q_USED])

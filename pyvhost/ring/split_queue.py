@@ -60,14 +60,23 @@ class DescriptorChain:
         return b"".join(access.read_gpa(table, s.addr, s.length) for s in self.readable)
 
     def write(self, table: RegionTable, data: bytes) -> int:
-        """Scatter data over the writable buffers; returns the bytes written."""
+        """Scatter data over the writable buffers; returns the bytes written (dirty-logged
+        while logging)."""
         pos = 0
+        written: list[tuple[int, int]] = []
         for s in self.writable:
             if pos >= len(data):
                 break
             piece = data[pos:pos + s.length]
             access.write_gpa(table, s.addr, piece)
+            written.append((s.addr, len(piece)))
             pos += len(piece)
+        if table.logging and written:
+            n = len(written)
+            # A private cache (flushed before the call returns): this may run in any thread.
+            K.log_ranges(table.kernel(), np.zeros(K.QSTATE_LEN, np.int64),
+                         np.array([g for g, _ in written], np.int64),
+                         np.array([ln for _, ln in written], np.int64), n)
         return pos
 
 
@@ -130,6 +139,24 @@ class SplitQueue:
         self.addresses_set = True
         self.invalidate("ring addresses changed")
 
+    def set_used_log(self, log_guest_addr: int | None) -> None:
+        """VHOST_VRING_F_LOG: while logging, used-ring writes are logged at this GPA (the used
+        ring's guest-physical address); None: not logged."""
+        if log_guest_addr is None:
+            self.q[K.Q_FLAGS] &= ~K.F_LOG_USED
+            self.q[K.Q_LOG_USED] = 0
+        else:
+            if not 0 <= log_guest_addr <= K.ADDR_MAX:
+                raise ValueError(f"queue {self.index}: log address 0x{log_guest_addr:x} out "
+                                 "of range")
+            self.q[K.Q_LOG_USED] = log_guest_addr
+            self.q[K.Q_FLAGS] |= K.F_LOG_USED
+
+    @property
+    def log_pages(self) -> int:
+        """Dirty-log bits this queue's kernels set."""
+        return int(self.q[K.Q_LOG_PAGES])
+
     def set_features(self, *, event_idx: bool, indirect: bool, in_order: bool = False) -> None:
         flags = int(self.q[K.Q_FLAGS]) & ~(K.F_EVENT_IDX | K.F_INDIRECT | K.F_IN_ORDER)
         self.q[K.Q_FLAGS] = flags | (K.F_EVENT_IDX if event_idx else 0) | (
@@ -153,9 +180,10 @@ class SplitQueue:
         self.q[K.Q_SIGNALLED_VALID] = 0
 
     def reset(self) -> None:
-        size = self.size
+        size, pages, dropped = self.size, self.q[K.Q_LOG_PAGES], self.q[K.Q_LOG_DROPPED]
         self.q[:] = 0
         self.q[K.Q_SIZE] = size
+        self.q[K.Q_LOG_PAGES], self.q[K.Q_LOG_DROPPED] = pages, dropped  # counters
         self.addresses_set = False
         self.device_error = ""
         self.invalidate("queue reset")

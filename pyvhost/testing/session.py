@@ -36,7 +36,8 @@ class DeviceSession:
 
     def __init__(self, factory: Callable[[], Device], path: str | Path, *,
                  features: int = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX),
-                 options: BackendOptions = BackendOptions(), ram_mib: int = 4) -> None:
+                 options: BackendOptions = BackendOptions(), ram_mib: int = 4,
+                 protocol: int = PROTOCOL) -> None:
         self.server = Server(factory, str(path), options=options, max_connections=1)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
@@ -46,7 +47,7 @@ class DeviceSession:
             if not self.server.listening.wait(120):
                 raise TimeoutError(f"the daemon did not listen on {path}")
             self.fe = VhostUserFrontend(str(path))
-            self.negotiated = self.fe.negotiate(features, PROTOCOL)
+            self.negotiated = self.fe.negotiate(features, protocol)
             self.fe.set_mem_table(self.ram)
         except BaseException:
             if self.thread.is_alive():

@@ -256,6 +256,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         pos = 0
         never = False  # the frame can never be delivered: drop it
         fast_host = 0  # the direct map's fast path took one buffer that holds the frame
+        fast_gpa = 0
         while room < total:
             if avail == 0:
                 avail = K.avail_count(mem, q, views)
@@ -273,7 +274,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 never = True  # more segments or chains than our scratch (and the ring) holds
                 break
             if nchains + nbad == 0 and (q[K.Q_FLAGS] & K.F_DIRECT):
-                h, fast_host = K.pop_lone_writable_direct(mem, q, views, total)
+                h, fast_host, fast_gpa = K.pop_lone_writable_direct(mem, q, views, total)
                 if h >= 0:  # exactly what pop_chain would pop, written below as it would be
                     avail -= 1
                     chain_heads[0] = h
@@ -339,6 +340,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         start = 0
         if fast_host != 0:
             array_to_host(fast_host, buf, 0, total)
+            K.log_write(mem, q, fast_gpa, total)
             if not K.add_used(mem, q, views, chain_heads[0], total):
                 return -1, 0, False
             nchains = 0  # done: skip the general copy below
@@ -353,6 +355,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 if not array_to_guest(mem, seg_addr[j], buf, sent, take):
                     K.fail(q, E.ADDR_UNMAPPED, seg_addr[j])
                     return -1, 0, False
+                K.log_write(mem, q, seg_addr[j], take)
                 sent += take
                 wrote += take
             if not K.add_used(mem, q, views, chain_heads[c], wrote):
