@@ -28,6 +28,9 @@ from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.testbed import wait_for_socket
 
 TIMEOUT = 30.0
+# Until the socket listens (or answers, with --fd): the warm-up compiles when another change
+# has invalidated numba's cache (minutes on this machine); a second or so when it is warm.
+STARTUP = 240.0
 SCRIPT = Path(sys.executable).parent / "pyvhost"  # the console script (cwd not on sys.path)
 
 DEVICES = textwrap.dedent('''
@@ -248,9 +251,9 @@ def test_fd_serves_the_inherited_listening_socket_and_leaves_its_path(tmp_path):
     lsock.close()  # the launcher's copy: from now on only the backend holds the socket
     try:
         with GuestRam([(0, 1 << 20)]) as ram, \
-                VhostUserFrontend(str(path), connect_timeout=TIMEOUT, timeout=120) as fe:
-            # Connected at once (the socket listens already); the first reply waits for the
-            # backend's warm-up, which compiles when numba's cache is cold.
+                VhostUserFrontend(str(path), connect_timeout=TIMEOUT, timeout=STARTUP) as fe:
+            # Connected at once (the socket listens already): the first reply waits for the
+            # backend's warm-up.
             got = fe.negotiate(1 << VIRTIO_F_VERSION_1, P.REPLY_ACK.mask)
             assert got.features & (1 << VIRTIO_F_VERSION_1)
             assert got.protocol_features & P.REPLY_ACK.mask
@@ -305,7 +308,7 @@ def test_run_serves_a_class_from_the_current_directory_with_its_own_counters(dev
     proc = start("run", "mydevs:Counter", "--socket-path", str(sock), "--stats-json",
                  str(stats), "--stats-interval", "0.2", cwd=devdir, script=True)
     try:
-        wait_for_socket(sock, TIMEOUT)
+        wait_for_socket(sock, STARTUP)
         with GuestRam([(0, 1 << 20)]) as ram, VhostUserFrontend(str(sock)) as fe:
             fe.negotiate(1 << VIRTIO_F_VERSION_1)
             assert request_bytes(fe, ram, [16] * 5) == [b""] * 5
@@ -328,7 +331,7 @@ def test_run_from_pythonpath_with_json_statistics_lines(devdir, tmp_path):
     proc = start("run", "mydevs:Counter", "--socket-path", str(sock), "--stats-interval",
                  "0.2", "--stats-format", "json", cwd=tmp_path, env=env)
     try:
-        wait_for_socket(sock, TIMEOUT)
+        wait_for_socket(sock, STARTUP)
         with GuestRam([(0, 1 << 20)]) as ram, VhostUserFrontend(str(sock)) as fe:
             fe.negotiate(1 << VIRTIO_F_VERSION_1)
             request_bytes(fe, ram, [16] * 3)
