@@ -186,7 +186,7 @@ def run(ops: int, *, poll: bool = False, qsize: int = 256, seed: int = 1, stress
                 failures.append(f"after the session: {after} (baseline {baseline})")
             fe = json.loads(out.strip().splitlines()[-1]) if proc.returncode == 0 else {}
             # ChurnFrontend prints nothing on failure; its stderr is in failures.
-            dev = devices[0].stats() if devices else {}
+            dev = devices[-1].stats() if devices else {}  # [0] may be the warm-up device
             if tracer is not None and fe.get("op_times"):
                 fe["phases"] = tracer.breakdown(fe.pop("op_times"))
             fe.pop("op_times", None)
