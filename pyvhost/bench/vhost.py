@@ -676,7 +676,7 @@ def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, dict[str, Any]]]
             cells.setdefault((s.direction, s.contender, str(s.packet_size)), []).append(s)
     out: dict[str, dict[str, dict[str, Any]]] = {}
     for (direction, contender, size), group in cells.items():
-        values = [s.pps / 1e6 for s in group]
+        values = [s.pps / 1e6 for s in group if s.pps is not None]
         limits: dict[str, int] = {}
         for s in group:
             limits[s.limited_by or "?"] = limits.get(s.limited_by or "?", 0) + 1
