@@ -7,13 +7,17 @@ the interrupt — one kernel call per burst, as a worker would. Refilling is fre
 keeps its heads, so the driver re-offers them by moving avail->idx on by a whole ring.
 
 Contenders alternate within each repetition, so machine noise hits both alike; the figure is the
-median over repetitions. Usage: python -m pyvhost.bench.ring [--seconds S] [--repeat N] [--json F]
+median over repetitions. `--log` adds each path with dirty logging on (live migration: a log
+memfd, LOG_ALL, the used ring logged), the log consumed between drains as QEMU does, so the
+bits have to be set again. Usage:
+    python -m pyvhost.bench.ring [--seconds S] [--repeat N] [--log] [--json F]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import struct
@@ -22,7 +26,10 @@ import time
 import numpy as np
 
 from pyvhost.devices.net import tx_drop as NK
+from pyvhost.fd import OwnedFd
+from pyvhost.memory.dirty_log import DirtyLog
 from pyvhost.ring.layout import AVAIL_IDX
+from pyvhost.testing.dirty_log import LogMemfd
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue
@@ -33,7 +40,7 @@ FRAME = bytes(12) + b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes([0x45]) + by
 
 
 class RingBench:
-    def __init__(self, mode: str, burst: int) -> None:
+    def __init__(self, mode: str, burst: int, log: bool = False) -> None:
         self.ram = GuestRam([(0, 64 << 20)])
         self.driver = MockSplitQueue(self.ram, QUEUE_SIZE)
         for _ in range(QUEUE_SIZE):
@@ -47,6 +54,12 @@ class RingBench:
         self.scratch = np.zeros(NK.HEADER_BYTES, np.uint8)
         self._avail_idx_gpa = self.driver.avail_ring + AVAIL_IDX
         self._avail_idx = self.driver.published_avail
+        self.log: LogMemfd | None = None
+        if log:
+            self.log = LogMemfd(64 << 20)
+            self.memory.set_log(DirtyLog(OwnedFd(os.dup(self.log.fd)), self.log.size, 0))
+            self.memory.set_log_all(True)
+            self.queue.set_used_log(self.driver.used_ring)
 
     def refill(self) -> None:
         """Offer the same QUEUE_SIZE chains again: the avail slots still hold their heads."""
@@ -78,17 +91,25 @@ class RingBench:
             chains += self.drain()
             busy += time.perf_counter() - t0
             self.refill()
+            if self.log is not None:
+                self.log.consume()  # as QEMU's sync: every bit must be set again
         return chains / busy
 
     def close(self) -> None:
         assert self.counters[NK.C_UDP] == self.counters[NK.C_PACKETS]  # it really read them
+        if self.log is not None:
+            assert self.queue.log_pages > 0
+        self.queue.drop_views()
         self.memory.close()
         self.ram.close()
+        if self.log is not None:
+            self.log.close()
 
 
-def measure(bursts: list[int], seconds: float, repeat: int) -> dict:
-    modes = ("direct", "copy")
-    benches = {(m, b): RingBench(m, b) for b in bursts for m in modes}
+def measure(bursts: list[int], seconds: float, repeat: int, log: bool = False) -> dict:
+    modes = ("direct", "copy") + (("direct+log", "copy+log") if log else ())
+    benches = {(m, b): RingBench(m.split("+")[0], b, log=m.endswith("+log"))
+               for b in bursts for m in modes}
     for bench in benches.values():  # compile and warm up, excluded
         bench.run_for(0.05)
     samples: dict[str, list[float]] = {f"{m}/{b}": [] for b in bursts for m in modes}
@@ -102,12 +123,20 @@ def measure(bursts: list[int], seconds: float, repeat: int) -> dict:
 
 
 def report(samples: dict, bursts: list[int]) -> str:
-    lines = ["| burst | direct (Mchains/s) | copy (Mchains/s) | direct/copy |",
-             "|---:|---:|---:|---:|"]
+    log = any(k.startswith("direct+log/") for k in samples)
+    lines = ["| burst | direct (Mchains/s) | copy (Mchains/s) | direct/copy |"
+             + (" direct+log | copy+log | log cost (direct, copy) |" if log else ""),
+             "|---:|---:|---:|---:|" + ("---:|---:|---:|" if log else "")]
     for b in bursts:
         d = statistics.median(samples[f"direct/{b}"])
         c = statistics.median(samples[f"copy/{b}"])
-        lines.append(f"| {b} | {d / 1e6:.2f} | {c / 1e6:.2f} | {d / c:.2f}x |")
+        row = f"| {b} | {d / 1e6:.2f} | {c / 1e6:.2f} | {d / c:.2f}x |"
+        if log:
+            dl = statistics.median(samples[f"direct+log/{b}"])
+            cl = statistics.median(samples[f"copy+log/{b}"])
+            row += (f" {dl / 1e6:.2f} | {cl / 1e6:.2f} | {1 - dl / d:+.0%}, "
+                    f"{1 - cl / c:+.0%} |")
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -117,9 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--bursts", default="1,32,256")
     ap.add_argument("--json", help="write every sample here")
+    ap.add_argument("--log", action="store_true", help="also with dirty logging on")
     args = ap.parse_args(argv)
     bursts = [int(b) for b in args.bursts.split(",")]
-    samples = measure(bursts, args.seconds, args.repeat)
+    samples = measure(bursts, args.seconds, args.repeat, args.log)
     print(report(samples, bursts))
     if args.json:
         with open(args.json, "w") as f:
