@@ -340,3 +340,24 @@ def _wait(cond, timeout: float = 60.0) -> None:  # a bound against hangs (a cold
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.002)
+
+
+def test_abandoned_deferred_requests_release_their_memory(sock):
+    """A device that never completes: the stopping ring waits drain_timeout, abandons the
+    requests, and their late completion is dropped; the mapping goes when the last pin does,
+    nothing leaks, the daemon serves the next connection."""
+    from pyvhost.daemon.backend import BackendOptions
+
+    with DeviceSession(Later, sock, options=BackendOptions(drain_timeout=0.2)) as s:
+        s.start_queue(0)
+        s.submit(0, writable=[8])
+        (p,) = s.device.take(1)
+        region = s.backend.memory.table.regions[0]
+        assert s.fe.get_vring_base(0) == 1       # answered after 0.2 s, the request abandoned
+        assert region.pins == 1 and not region.closed
+        p.complete(0)                            # too late: dropped, its pin released
+        assert region.pins == 0
+        assert s.fe.driver(0).used_idx() == 0    # nothing written into the stopped ring
+        backend = s.backend
+    assert backend.memory.leaked_mappings == 0
+    assert region.closed
