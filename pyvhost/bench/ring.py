@@ -25,7 +25,9 @@ import time
 
 import numpy as np
 
+from pyvhost.devices.net import frame_kernels as RK
 from pyvhost.devices.net import tx_drop as NK
+from pyvhost.devices.net.endpoints import FrameRing, _Segments, generated_frame, slot_size
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.dirty_log import DirtyLog
 from pyvhost.ring.layout import AVAIL_IDX
@@ -35,6 +37,7 @@ from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue
 
 QUEUE_SIZE = 1024
+RK_HDR = bytes(10) + b"\x01\x00"  # the virtio-net header rx_deliver writes: num_buffers 1
 FRAME = bytes(12) + b"\x02" * 6 + b"\x04" * 6 + b"\x08\x00" + bytes([0x45]) + bytes(8) + \
     b"\x11" + bytes(64 - 24)  # virtio-net header + 64-byte UDP frame
 
@@ -56,10 +59,13 @@ class RingBench:
         self._avail_idx = self.driver.published_avail
         self.log: LogMemfd | None = None
         if log:
-            self.log = LogMemfd(64 << 20)
-            self.memory.set_log(DirtyLog(OwnedFd(os.dup(self.log.fd)), self.log.size, 0))
-            self.memory.set_log_all(True)
-            self.queue.set_used_log(self.driver.used_ring)
+            self._start_log()
+
+    def _start_log(self) -> None:
+        self.log = LogMemfd(64 << 20)
+        self.memory.set_log(DirtyLog(OwnedFd(os.dup(self.log.fd)), self.log.size, 0))
+        self.memory.set_log_all(True)
+        self.queue.set_used_log(self.driver.used_ring)
 
     def refill(self) -> None:
         """Offer the same QUEUE_SIZE chains again: the avail slots still hold their heads."""
@@ -106,9 +112,66 @@ class RingBench:
             self.log.close()
 
 
-def measure(bursts: list[int], seconds: float, repeat: int, log: bool = False) -> dict:
+class RxRingBench(RingBench):
+    """The receive side: the guest posts QUEUE_SIZE one-buffer 1526-byte receive chains (and
+    re-posts them by moving avail->idx on); the device delivers a repeating 64-byte frame
+    into each (`rx_deliver`: header and frame copied into the buffer, used element, publish,
+    interrupt decision), a burst per call, as the gen:SIZE source does."""
+
+    def __init__(self, mode: str, burst: int, log: bool = False) -> None:
+        self.ram = GuestRam([(0, 64 << 20)])
+        self.driver = MockSplitQueue(self.ram, QUEUE_SIZE)
+        self._buffers = [self.driver._in_flight[self.driver.add_chain([], [1526])].writable[0][0]
+                         for _ in range(QUEUE_SIZE)]
+        self.driver.publish()
+        self.memory = backend_memory(self.ram)
+        self.queue = device_queue(self.driver, self.memory, metadata_access=mode,
+                                  max_burst=max(burst, 1))
+        self.burst = burst
+        self.frames = FrameRing.repeating(generated_frame(64), burst, slot_size(1500))
+        self.segs = _Segments(burst)
+        self.segs.resize(QUEUE_SIZE)
+        self.counters = np.zeros(RK.RX_COUNTERS_LEN, np.int64)
+        self._avail_idx_gpa = self.driver.avail_ring + AVAIL_IDX
+        self._avail_idx = self.driver.published_avail
+        self.log = None
+        if log:
+            self._start_log()
+
+    def drain(self) -> int:
+        q, s, f = self.queue, self.segs, self.frames
+        table = self.memory.table
+        views = q.round_views(table)
+        mem = table.kernel()
+        done = 0
+        while True:
+            f.ctl[RK.R_TAIL] = f.ctl[RK.R_HEAD] + f.capacity
+            n, _, _ = RK.rx_deliver(mem, q.q, views, False, self.burst, s.seg_addr, s.seg_len,
+                                    s.seg_flags, s.chain_heads, s.chain_ends, f.data, f.lens,
+                                    f.ctl, self.counters)
+            if n <= 0:
+                if n < 0:
+                    raise RuntimeError(q.error_text())
+                return done
+            done += n
+
+    def close(self) -> None:
+        frame = RK_HDR + generated_frame(64)
+        assert self.ram.read(self._buffers[0], len(frame)) == frame  # it really delivered
+        if self.log is not None:
+            assert self.queue.log_pages > 0
+        self.queue.drop_views()
+        self.memory.close()
+        self.ram.close()
+        if self.log is not None:
+            self.log.close()
+
+
+def measure(bursts: list[int], seconds: float, repeat: int, log: bool = False,
+            rx: bool = False) -> dict:
     modes = ("direct", "copy") + (("direct+log", "copy+log") if log else ())
-    benches = {(m, b): RingBench(m.split("+")[0], b, log=m.endswith("+log"))
+    kind = RxRingBench if rx else RingBench
+    benches = {(m, b): kind(m.split("+")[0], b, log=m.endswith("+log"))
                for b in bursts for m in modes}
     for bench in benches.values():  # compile and warm up, excluded
         bench.run_for(0.05)
@@ -147,9 +210,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--bursts", default="1,32,256")
     ap.add_argument("--json", help="write every sample here")
     ap.add_argument("--log", action="store_true", help="also with dirty logging on")
+    ap.add_argument("--rx", action="store_true",
+                    help="the receive side (frames delivered into posted buffers), not TX")
     args = ap.parse_args(argv)
     bursts = [int(b) for b in args.bursts.split(",")]
-    samples = measure(bursts, args.seconds, args.repeat, args.log)
+    samples = measure(bursts, args.seconds, args.repeat, args.log, args.rx)
     print(report(samples, bursts))
     if args.json:
         with open(args.json, "w") as f:
