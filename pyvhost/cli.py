@@ -199,6 +199,36 @@ register(DeviceCommand(
     "rng", "virtio-rng backend (entropy from the host's getrandom)",
     _fixed("pyvhost.devices.rng:RngDevice")))
 
+# -- blk --
+
+
+def add_blk_options(blk: argparse.ArgumentParser) -> None:
+    blk.add_argument("--file", "--blk-file", dest="file", required=True, metavar="IMAGE",
+                     help="raw image file or block device (capacity: its size / 512)")
+    blk.add_argument("--readonly", "--read-only", dest="readonly", action="store_true",
+                     help="offer VIRTIO_BLK_F_RO; writes, discards and zeroing fail (IOERR)")
+    blk.add_argument("--queues", type=int, default=4,
+                     help="request queues offered (default 4; QEMU may use fewer)")
+    blk.add_argument("--queue-size", type=int, default=1024,
+                     help="largest ring accepted (power of two, default 1024)")
+    blk.add_argument("--serial", default="", metavar="ID",
+                     help="GET_ID answer: up to 20 ASCII characters (default empty)")
+    blk.add_argument("--direct", action="store_true",
+                     help="open the image O_DIRECT (unaligned guest buffers are bounced)")
+    blk.add_argument("--io-threads", type=int, default=4, metavar="N",
+                     help="threads doing the image's I/O (default 4)")
+
+
+def build_blk(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:
+    from pyvhost.devices.blk.command import build
+    return build(args, cls)
+
+
+register(DeviceCommand(
+    "blk", "virtio-blk backend (a raw image file or block device)",
+    _fixed("pyvhost.devices.blk:BlkDevice"), add_blk_options, build_blk,
+    capability_features=("read-only", "blk-file")))
+
 # -- run MODULE:CLASS --
 
 
