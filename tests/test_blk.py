@@ -675,6 +675,10 @@ def test_a_block_device_as_the_image(tmp_path, loop_device, direct):
         assert blk.simple(0, [hdr(B.T_WRITE_ZEROES), seg(400, 16, 0), seg(600, 8, 1)]) == 0
         model[400 * SECTOR:416 * SECTOR] = bytes(16 * SECTOR)
         model[600 * SECTOR:608 * SECTOR] = bytes(8 * SECTOR)
+        # BLKDISCARD: a loop device punches its backing file (reads give zeroes).
+        assert blk.simple(0, [hdr(B.T_DISCARD), seg(1024, 64)]) == B.S_OK
+        model[1024 * SECTOR:1088 * SECTOR] = bytes(64 * SECTOR)
+        assert blk.device.stats()["blk_discards"] == 1
         assert blk.simple(0, [hdr(B.T_FLUSH)]) == B.S_OK
         assert blk.read(0, 0, 4096 * SECTOR, pieces=3)[1] == bytes(model)
     assert backing.read_bytes() == bytes(model)

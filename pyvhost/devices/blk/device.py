@@ -333,7 +333,16 @@ class BlkDevice(Device):
 
     def _defer(self, request: Request, used: int, work: Callable[[], None]) -> int | None:
         pending = request.defer()
-        self.io.submit(lambda: self._run(pending, used, work))
+
+        def job() -> None:
+            self._run(pending, used, work)
+
+        try:
+            self.io.submit(job)
+        except RuntimeError:  # no I/O thread (not reached: they run while a ring does)
+            log.error("blk: no I/O thread; queue %d head %d served inline", request.queue,
+                      request.head)
+            job()
         return None
 
     def _run(self, pending: Pending, used: int, work: Callable[[], None]) -> None:

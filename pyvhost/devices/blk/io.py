@@ -5,8 +5,8 @@ move its bytes straight between the image and guest memory.
 `read`/`write` take the request's host iovecs, `(address, length)` pieces of guest memory
 (`Request.readable_iovecs`/`writable_iovecs`), and hand them to preadv(2)/pwritev2(2)
 through ctypes, which drops the GIL for the system call: no copy through Python. `flush` is
-fdatasync(2); `discard` and `write_zeroes` are fallocate(2) (PUNCH_HOLE|KEEP_SIZE, ZERO_RANGE,
-with fallbacks). Every operation checks its byte range against the image once more (the
+fdatasync(2); `discard` is fallocate(2) PUNCH_HOLE|KEEP_SIZE on a file, BLKDISCARD on a block
+device, and `write_zeroes` fallocate(2) (PUNCH_HOLE or ZERO_RANGE, with fallbacks). Every operation checks its byte range against the image once more (the
 device validated it already): nothing is ever read or written outside [0, capacity).
 
 With O_DIRECT (`direct=True`) the kernel wants the file offset, the length and every buffer
@@ -48,6 +48,7 @@ FALLOC_FL_ZERO_RANGE = 0x10
 BLKSSZGET = 0x1268                 # logical block size (int)
 BLKPBSZGET = 0x127B                # physical block size (unsigned int)
 BLKGETSIZE64 = 0x80081272          # size in bytes (u64)
+BLKDISCARD = 0x1277                # discard a byte range (u64 start, u64 length)
 
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 BOUNCE_SIZE = 1 << 20              # bytes of one bounce buffer (a multiple of any alignment)
@@ -71,6 +72,9 @@ _pwritev2.restype = ctypes.c_ssize_t
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
+_ioctl = _libc.ioctl
+_ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+_ioctl.restype = ctypes.c_int
 
 IovecList = Sequence[tuple[int, int]]
 
@@ -224,7 +228,13 @@ class BlkImage:
         if length == 0:
             return True
         try:
-            self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+            if self.block_device:  # a device's own discard (PUNCH_HOLE would also zero)
+                arg = (ctypes.c_uint64 * 2)(offset, length)
+                while _ioctl(self.fd, BLKDISCARD, ctypes.addressof(arg)) != 0:
+                    if ctypes.get_errno() != errno.EINTR:
+                        raise _oserror(f"BLKDISCARD {offset}+{length}")
+            else:
+                self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
         except OSError as exc:
             if exc.errno in _NOT_SUPPORTED:
                 return False
