@@ -24,7 +24,7 @@ import pytest
 
 from pyvhost.devices.blk import BlkDevice, BlkImage
 from pyvhost.devices.blk import device as B
-from pyvhost.devices.blk.io import BOUNCE_SIZE, IOV_MAX
+from pyvhost.devices.blk.io import BOUNCE_SIZE, IOV_MAX, slice_iovecs
 from pyvhost.protocol import U64, ConfigSpace, FrontendRequest
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.ring.layout import (
@@ -436,6 +436,51 @@ def test_requests_on_several_queues_in_flight_together(tmp_path):
         assert raw[sector * SECTOR:(sector + 4) * SECTOR] == new
 
 
+class PartlyCached(BlkImage):
+    """The page cache holds only the first `cached` bytes of every read."""
+
+    cached = 0
+
+    def read_cached(self, iovecs, offset):
+        return super().read_cached(slice_iovecs(iovecs, 0, self.cached), offset) if self.cached else 0
+
+
+@pytest.mark.parametrize("cached", [0, 1, 512, 4096, 5000])
+def test_reads_the_page_cache_inline_and_the_rest_in_a_thread(tmp_path, cached):
+    path = tmp_path / "disk.raw"
+    data = make_image(path, 256)
+    image = PartlyCached.open(path)
+    image.cached = cached
+    try:
+        with Blk(tmp_path, image) as blk:
+            blk.session.start_queue(0)
+            for sector, n, pieces in [(0, 512, 1), (3, 8192, 3), (100, 4096, 4), (7, 512, 2)]:
+                status, got = blk.read(0, sector, n, pieces=pieces)
+                assert status == B.S_OK
+                assert got == data[sector * SECTOR:sector * SECTOR + n], (cached, sector, n)
+            inline = blk.device.stats()["blk_reads_inline"]
+            deferred = blk.session.backend.stats()["device_deferred"]
+            whole = sum(n <= cached for n in (512, 8192, 4096, 512))
+            assert (inline, deferred) == (whole, 4 - whole)
+    finally:
+        image.close()
+
+
+def test_reads_after_the_page_cache_was_dropped(tmp_path):
+    """Cold data: RWF_NOWAIT finds nothing (or part), the I/O threads read it."""
+    path = tmp_path / "disk.raw"
+    data = make_image(path, 4096)
+    with BlkImage.open(path) as image, Blk(tmp_path, image) as blk:
+        blk.session.start_queue(0)
+        os.fsync(image.fd)
+        os.posix_fadvise(image.fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        for sector in (0, 1000, 3000):
+            status, got = blk.read(0, sector, 64 * 1024, pieces=3)
+            assert status == B.S_OK and got == data[sector * SECTOR:sector * SECTOR + 65536]
+        assert blk.read(0, 1000, 4096)[1] == data[1000 * SECTOR:1000 * SECTOR + 4096]
+        assert blk.device.stats()["blk_reads"] == 4
+
+
 class SlowImage(BlkImage):
     """Writes take 20 ms: requests are still in flight when the ring stops."""
 
@@ -482,6 +527,9 @@ def test_io_errors_of_the_host_become_ioerr(tmp_path, image_file):
     path, data = image_file
 
     class Failing(BlkImage):
+        def read_cached(self, iovecs, offset):
+            return 0
+
         def read(self, iovecs, offset):
             raise OSError(5, "injected EIO")
 

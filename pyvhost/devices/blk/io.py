@@ -4,7 +4,9 @@ move its bytes straight between the image and guest memory.
 `BlkImage` owns the image's fd and does one operation at a time on behalf of any thread:
 `read`/`write` take the request's host iovecs, `(address, length)` pieces of guest memory
 (`Request.readable_iovecs`/`writable_iovecs`), and hand them to preadv(2)/pwritev2(2)
-through ctypes, which drops the GIL for the system call: no copy through Python. `flush` is
+through ctypes, which drops the GIL for the system call: no copy through Python;
+`read_cached` reads only what the page cache holds (RWF_NOWAIT), for the device to answer
+cached reads without a thread hop. `flush` is
 fdatasync(2); `discard` is fallocate(2) PUNCH_HOLE|KEEP_SIZE on a file, BLKDISCARD on a block
 device, and `write_zeroes` fallocate(2) (PUNCH_HOLE or ZERO_RANGE, with fallbacks). Every operation checks its byte range against the image once more (the
 device validated it already): nothing is ever read or written outside [0, capacity).
@@ -36,7 +38,7 @@ from typing import Callable, Sequence
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlkImage", "Iovec", "IoThreads", "SECTOR_SIZE"]
+__all__ = ["BlkImage", "Iovec", "IoThreads", "SECTOR_SIZE", "slice_iovecs"]
 
 SECTOR_SIZE = 512
 
@@ -65,6 +67,10 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _preadv = _libc.preadv
 _preadv.argtypes = [ctypes.c_int, ctypes.POINTER(Iovec), ctypes.c_int, ctypes.c_longlong]
 _preadv.restype = ctypes.c_ssize_t
+_preadv2 = _libc.preadv2
+_preadv2.argtypes = [ctypes.c_int, ctypes.POINTER(Iovec), ctypes.c_int, ctypes.c_longlong,
+                     ctypes.c_int]
+_preadv2.restype = ctypes.c_ssize_t
 _pwritev2 = _libc.pwritev2
 _pwritev2.argtypes = [ctypes.c_int, ctypes.POINTER(Iovec), ctypes.c_int, ctypes.c_longlong,
                       ctypes.c_int]
@@ -84,7 +90,7 @@ def _oserror(what: str) -> OSError:
     return OSError(err, f"{what}: {os.strerror(err)}")
 
 
-def _take(iovecs: IovecList, start: int, size: int) -> list[tuple[int, int]]:
+def slice_iovecs(iovecs: IovecList, start: int, size: int) -> list[tuple[int, int]]:
     """The pieces of `iovecs` covering bytes [start, start+size) of their concatenation."""
     out: list[tuple[int, int]] = []
     for addr, ln in iovecs:
@@ -131,6 +137,7 @@ class BlkImage:
         self.physical_block = physical_block
         self.block_device = block_device
         self._bounces: list[_Bounce] = []
+        self._nowait = True
         self._lock = threading.Lock()
         self.closed = False
 
@@ -204,6 +211,23 @@ class BlkImage:
             self._bounced(False, iovecs, offset, length, 0)
         else:
             self._transfer(False, iovecs, offset, 0)
+
+    def read_cached(self, iovecs: IovecList, offset: int) -> int:
+        """Read what the page cache holds, never waiting for the disk (preadv2 RWF_NOWAIT):
+        the bytes read from the start of `iovecs` (0 when nothing was cached, or with
+        O_DIRECT). The caller reads the rest with `read` (which also reports errors)."""
+        if self.direct or not self._nowait:
+            return 0
+        length = sum(n for _, n in iovecs)
+        self.check_range(offset, length)
+        pending = [(a, n) for a, n in iovecs if n > 0][:IOV_MAX]
+        arr = (Iovec * len(pending))(*[Iovec(a, n) for a, n in pending])
+        r = _preadv2(self.fd, arr, len(pending), offset, os.RWF_NOWAIT)
+        if r < 0:
+            if ctypes.get_errno() in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS):
+                self._nowait = False  # this kernel or file system cannot: stop asking
+            return 0
+        return r
 
     def write(self, iovecs: IovecList, offset: int, *, dsync: bool = False) -> None:
         """Write `iovecs` to the image at `offset`; `dsync`: stable when this returns."""
@@ -334,7 +358,7 @@ class BlkImage:
             pos = 0
             while pos < length:
                 n = min(length - pos, BOUNCE_SIZE)
-                pieces = _take(iovecs, pos, n)
+                pieces = slice_iovecs(iovecs, pos, n)
                 if write:
                     at = bounce.addr
                     for a, k in pieces:
