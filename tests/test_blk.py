@@ -71,7 +71,13 @@ class Blk:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.session.close()
+        try:
+            device = self.session.server.current.device if self.session.server.current else None
+        finally:
+            self.session.close()
+        if device is not None:  # the connection ended: its rings stopped, its I/O threads too
+            prefix = device.io.name + "-io"
+            assert not [t for t in threading.enumerate() if t.name.startswith(prefix)]
 
     @property
     def device(self) -> BlkDevice:
