@@ -1,1 +1,1 @@
-"""The devices pyvhost ships: virtio-net (`net/`) and virtio-rng (`rng.py`)."""
+"""The devices pyvhost ships: virtio-net (`net/`), virtio-blk (`blk/`), virtio-rng (`rng.py`)."""
