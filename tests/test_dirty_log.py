@@ -167,6 +167,44 @@ def test_python_device_every_written_page_is_logged(tmp_path, path):
     log.close()
 
 
+@pytest.mark.parametrize("path", ["direct", "copy"])
+def test_blk_reads_every_written_page_is_logged(tmp_path, path):
+    """Block reads land in guest memory from I/O threads (deferred) or from handle() (the page
+    cache fast path), through host iovecs: the worker logs them when it publishes."""
+    from pyvhost.devices.blk import BlkDevice, BlkImage
+
+    rng = random.Random(path)
+    image = tmp_path / "disk.raw"
+    image.write_bytes(os.urandom(1 << 20))
+    log = LogMemfd(RAM_MIB << 20)
+    blk = BlkImage.open(image)
+    with DeviceSession(lambda: BlkDevice(blk, queues=1), tmp_path / "blk.sock",
+                       options=BackendOptions(metadata_access=path), ram_mib=RAM_MIB,
+                       protocol=PROTOCOL | P.LOG_SHMFD.mask) as s:
+        d = _queue(s, 0, 128)
+        _start_logging(s, log, s.negotiated.features, {0: d})
+        excluded = _avail_pages(d)
+        with LogReader(log):
+            for _ in range(8):
+                for _ in range(rng.randint(1, 24)):
+                    sectors = rng.randint(1, 24)
+                    sector = rng.randint(0, (1 << 11) - sectors)
+                    cuts = sorted(rng.sample(range(1, sectors * 512), min(2, sectors * 512 - 1)))
+                    bufs = [b - a for a, b in zip([0] + cuts, cuts + [sectors * 512]) if b > a]
+                    d.add_chain([struct.pack("<IIQ", 0, 0, sector)], bufs + [1])  # IN
+                before = _snapshot(s)
+                d.publish()
+                s.fe.kick(0)
+                _wait(lambda: d.used_idx() == d.published_avail, "reads not completed")
+                changed = _changed_pages(before, _snapshot(s), excluded)
+                assert changed
+                missing = changed - log.pages()
+                assert not missing, f"pages written but not logged: {sorted(missing)}"
+                d.used()
+        assert s.backend.queues_broken == 0
+    log.close()
+
+
 def test_logging_off_and_a_new_log(tmp_path):
     """LOG_ALL off (migration cancelled): nothing is logged any more; a new SET_LOG_BASE
     while logging: the new log gets the bits, the old one no longer changes."""
