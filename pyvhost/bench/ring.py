@@ -6,7 +6,8 @@ kernel — pop a burst, read each frame's headers, complete it, publish used->id
 the interrupt — one kernel call per burst, as a worker would. Refilling is free: the avail ring
 keeps its heads, so the driver re-offers them by moving avail->idx on by a whole ring.
 
-Contenders alternate within each repetition, so machine noise hits both alike; the figure is the
+Time is the benchmark thread's CPU time (this machine is shared: wall time counts
+whatever else ran on the core). Contenders alternate within each repetition, so machine noise hits both alike; the figure is the
 median over repetitions. `--log` adds each path with dirty logging on (live migration: a log
 memfd, LOG_ALL, the used ring logged), the log consumed between drains as QEMU does, so the
 bits have to be set again. Usage:
@@ -93,9 +94,9 @@ class RingBench:
         chains, busy = 0, 0.0
         end = time.perf_counter() + seconds
         while time.perf_counter() < end:
-            t0 = time.perf_counter()
+            t0 = time.thread_time()
             chains += self.drain()
-            busy += time.perf_counter() - t0
+            busy += time.thread_time() - t0
             self.refill()
             if self.log is not None:
                 self.log.consume()  # as QEMU's sync: every bit must be set again
