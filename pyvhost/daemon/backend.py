@@ -19,7 +19,9 @@ negotiated. Workers only look at `Vring.running`; this thread clears it and wait
 period (`_stop_worker_use`) before it touches a ring the workers may be running. A ring served
 through `Device.handle()` that stops also waits (bounded by `drain_timeout`) for its deferred
 requests and publishes them before the reply: GET_VRING_BASE then reports an index every
-request before it has been answered for.
+request before it has been answered for. At start, a base that disagrees with the ring the
+frontend kept (a frontend that outlived a killed backend) resumes from the ring's used index
+(`SplitQueue.sync_used_from_ring`).
 """
 
 from __future__ import annotations
@@ -494,8 +496,12 @@ class Backend:
         self._check_mapped(vr.index, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
                            int(q.q[K.Q_USED]))
         # Continue from the used index the guest's memory holds (a ring restarted after
-        # GET_VRING_BASE, or a reconnect, must not rewind it).
-        q.sync_used_from_ring(self.memory.table)
+        # GET_VRING_BASE, or a reconnect, must not rewind it); a base that disagrees with a
+        # ring the frontend kept across our restart resumes from used->idx (DPDK does too).
+        resync = q.sync_used_from_ring(self.memory.table)
+        if resync is not None:
+            (log.warning if resync.resumed else log.error)(
+                "%s: queue %d: %s", self.name, vr.index, resync.describe())
         if vr.runner is not None:
             vr.runner.resize(q.size)
         self.device.on_queue_started(q)

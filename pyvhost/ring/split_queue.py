@@ -26,7 +26,7 @@ from pyvhost.memory.table import RegionTable
 from pyvhost.ring import kernels as K
 from pyvhost.ring.direct_map import NO_VIEWS, DirectMap, RingViews, build_direct_map
 from pyvhost.ring.errors import RingError, RingErrorCode, describe
-from pyvhost.ring.layout import (AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, USED_IDX,
+from pyvhost.ring.layout import (AVAIL_ALIGN, AVAIL_IDX, DESC_ALIGN, USED_ALIGN, USED_IDX,
                                  is_valid_queue_size)
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,35 @@ class DescriptorChain:
         return pos
 
 
+class RingResync(NamedTuple):
+    """A base (SET_VRING_BASE) that disagreed with the ring at start (`sync_used_from_ring`)."""
+
+    base: int      # the next avail index the frontend gave
+    avail: int     # avail->idx in guest memory
+    used: int      # used->idx in guest memory
+    resumed: bool  # True: next avail is now `used`; False: the ring's own indices disagree
+
+    def describe(self) -> str:
+        found = f"base {self.base} disagrees with the ring (avail idx {self.avail}, used idx " \
+                f"{self.used})"
+        if self.resumed:
+            return (f"{found}: resynchronised next avail to the used index {self.used} "
+                    f"(a frontend that kept its rings across a backend restart; the "
+                    f"{(self.avail - self.used) & 0xFFFF} chains it has in flight are "
+                    "processed again)")
+        return f"{found}, and used to avail is more than the ring holds: not resynchronised"
+
+
+def _load_ring_u16(table: RegionTable, addr: int) -> int:
+    """A ring index in guest memory, read with one 16-bit load (the driver may be storing it:
+    a memcpy of 2 bytes can read it torn, see docs/robustness.md bug 3)."""
+    seg = table.contiguous_user_range(UserAddress(addr), 2)
+    if seg is None:
+        return access.read_user_u16(table, UserAddress(addr))  # raises AddressNotMappedError
+    data = seg.region.mapped_data()
+    return int(data[seg.offset:seg.offset + 2].view(np.uint16)[0])
+
+
 @dataclass
 class QueueStats:
     direct_rounds: int = 0
@@ -101,6 +130,7 @@ class SplitQueue:
         self._last_reason = ""
         self._last_copy_table: RegionTable | None = None
         self.addresses_set = False
+        self._started = False  # sync_used_from_ring has run (the ring started) on this queue
         #: What the device's own code raised when it broke the queue (DEVICE_FAILED).
         self.device_error = ""
         self.max_burst = max_burst
@@ -174,10 +204,52 @@ class SplitQueue:
         """SET_VRING_BASE: where the device resumes in the avail ring."""
         self.q[K.Q_NEXT_AVAIL] = idx & 0xFFFF
 
-    def sync_used_from_ring(self, table: RegionTable) -> None:
-        """At ring start, continue from the used->idx the guest memory holds (as Linux vhost)."""
-        self.q[K.Q_NEXT_USED] = access.read_user_u16(table, self.q[K.Q_USED] + USED_IDX)
+    def sync_used_from_ring(self, table: RegionTable) -> RingResync | None:
+        """At ring start, continue from the used->idx the guest memory holds (as Linux vhost),
+        and check the base (next avail, from SET_VRING_BASE) against the ring.
+
+        A frontend that kept its rings across a backend restart (DPDK virtio-user in server
+        mode, after the backend was killed) sends a base that says nothing about them — 0 —
+        while its avail and used indices stand wherever the last backend left them. Resuming
+        from such a base makes the first burst see the avail index "move too far" and break
+        the ring, or re-complete chains the driver already has back. The base disagrees with
+        the ring when, seen from it, more than a ring's worth of chains is available or in
+        flight (it is not within used <= base <= avail, modulo 2^16: what QEMU's virtio_load
+        checks), or — at the ring's first start in this connection — when it is not used->idx
+        at all: chains between used->idx and such a base were taken by an earlier backend
+        that will never complete them (a base of 0 lands there when used->idx is within a
+        ring of wrapping). Later starts in the same connection keep such a base: the chains
+        in flight may be this backend's own (deferred requests).
+
+        When the base disagrees and the ring's own indices agree (at most a ring's worth from
+        used->idx to avail->idx), next avail resumes from used->idx, what the device had
+        completed: chains the last backend had taken but not completed are processed again
+        (TX frames resent), as DPDK's vhost library does (translate_ring_addresses sets
+        last_avail_idx = used->idx). Only guest memory's used->idx, checked against avail->idx,
+        is used. A ring whose own indices disagree keeps its base: its first burst reports the
+        ring broken.
+
+        Returns what was found when the base disagreed with the ring (None: it agreed).
+        """
+        first = not self._started
+        self._started = True
+        used = _load_ring_u16(table, int(self.q[K.Q_USED]) + USED_IDX)
+        self.q[K.Q_NEXT_USED] = used
         self.q[K.Q_SIGNALLED_VALID] = 0
+        size, base = self.size, self.next_avail
+        avail = self.avail_idx(table)
+        if (avail - base) & 0xFFFF <= size and (base - used) & 0xFFFF <= size and (
+                base == used or not first):
+            return None
+        resumed = (avail - used) & 0xFFFF <= size
+        if resumed:
+            self.q[K.Q_NEXT_AVAIL] = used
+        return RingResync(base, avail, used, resumed)
+
+    def avail_idx(self, table: RegionTable) -> int:
+        """avail->idx as the driver last published it (one load; raises AddressNotMappedError
+        if the ring is not mapped)."""
+        return _load_ring_u16(table, int(self.q[K.Q_AVAIL]) + AVAIL_IDX)
 
     def reset(self) -> None:
         size, pages, dropped = self.size, self.q[K.Q_LOG_PAGES], self.q[K.Q_LOG_DROPPED]
