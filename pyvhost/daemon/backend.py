@@ -19,14 +19,17 @@ negotiated. Workers only look at `Vring.running`; this thread clears it and wait
 period (`_stop_worker_use`) before it touches a ring the workers may be running. A ring served
 through `Device.handle()` that stops also waits (bounded by `drain_timeout`) for its deferred
 requests and publishes them before the reply: GET_VRING_BASE then reports an index every
-request before it has been answered for. At start, a base that disagrees with the ring the
-frontend kept (a frontend that outlived a killed backend) resumes from the ring's used index
-(`SplitQueue.sync_used_from_ring`).
+request before it has been answered for. A ring whose device consumes all it is given (net TX)
+first lets the worker consume what the driver made available before GET_VRING_BASE or
+SET_VRING_ENABLE 0 (`_finish_available`), so that a last burst is counted as the ring was
+running it. At start, a base that disagrees with the ring the frontend kept (a frontend that
+outlived a killed backend) resumes from the ring's used index (`SplitQueue.sync_used_from_ring`).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -438,6 +441,7 @@ class Backend:
             raise ConnectionFatal(f"GET_VRING_BASE for queue {index}: out of range and the "
                                   "reply cannot say so")
         vr = self.vrings[index]
+        self._finish_available(vr, "GET_VRING_BASE")
         self._stop_ring(vr)
         log.info("%s: GET_VRING_BASE queue %d: next avail %d", self.name, index,
                  vr.queue.next_avail)
@@ -483,6 +487,9 @@ class Backend:
         vr = self._vring(msg.payload.index)
         if msg.payload.num not in (0, 1):
             raise RequestRefused(f"queue {vr.index}: enable value {msg.payload.num} is not 0/1")
+        if not msg.payload.num:
+            # What came while it was enabled is processed as such.
+            self._finish_available(vr, "SET_VRING_ENABLE 0")
         vr.enabled = bool(msg.payload.num)
         self._update(vr)
 
@@ -514,6 +521,44 @@ class Backend:
                  vr.index, q.size, q.next_avail, q.next_used,
                  "kick fd" if vr.kick is not None else "polling")
         self._update(vr)
+
+    def _finish_available(self, vr: Vring, why: str) -> None:
+        """Before a ring whose device consumes all it is given (`Device.runs_when_disabled`: a
+        net TX ring) is disabled or stopped: wait, bounded, until the worker has consumed the
+        chains the driver made available before the request that asks for it, as the ring was
+        running them (processed while enabled, discarded while disabled).
+
+        Why: the driver publishes avail->idx before it sends the request, but the worker may
+        not have got to those chains yet (a wake-up takes 100s of us). Disabling at once made
+        the worker discard a last burst the driver had sent while the ring was enabled: DPDK
+        virtio-user sends SET_VRING_ENABLE 0 as it closes its port, just after its last TX
+        burst, and one run in five to eight (issue #15) ended with that burst counted in
+        tx_discarded, not tx_packets. Stopping at once (GET_VRING_BASE) could likewise leave
+        it unconsumed. Chains the driver adds after the request are left to the new state.
+        """
+        q = vr.queue
+        if not (vr.running and self.device.runs_when_disabled(vr.index)):
+            return
+        try:
+            target = q.avail_idx(self.memory.table)
+        except AddressNotMappedError:
+            return  # the worker breaks the ring and says why
+        pending = (target - q.next_avail) & 0xFFFF
+        if pending == 0 or pending > q.size:
+            return  # nothing to do, or an index the worker will refuse
+        self._worker_of[vr.index].wake()
+        start = time.monotonic()
+        delay = 0.0
+        while vr.running and not q.broken and 0 < (target - q.next_avail) & 0xFFFF <= q.size:
+            if time.monotonic() - start > self.options.grace_timeout:
+                log.warning("%s: queue %d: %d chains made available before %s not consumed "
+                            "within %.1fs", self.name, vr.index,
+                            (target - q.next_avail) & 0xFFFF, why, self.options.grace_timeout)
+                return
+            time.sleep(delay)  # releases the GIL to the worker
+            delay = min(delay * 2 or 10e-6, 1e-3)
+        log.info("%s: queue %d: %d chains made available before %s consumed first (%.0f us)",
+                 self.name, vr.index, pending, why, (time.monotonic() - start) * 1e6)
 
     def _stop_ring(self, vr: Vring) -> None:
         """Stop: no worker runs the ring after this returns, its deferred requests are
@@ -649,6 +694,8 @@ class Backend:
     def _reset(self, why: str, keep_ring_positions: bool = False) -> None:
         """Stop and disable every ring, forget ring state; memory and features stay."""
         for vr in self.vrings:
+            if keep_ring_positions:  # a stop, as GET_VRING_BASE's
+                self._finish_available(vr, why)
             vr.enabled = False
             self._stop_ring(vr)
             if not keep_ring_positions:
