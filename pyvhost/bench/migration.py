@@ -139,6 +139,7 @@ def migrate_once(bed: mig.MigrationBed, sample: Sample, max_bandwidth: int | Non
 
 FIGURES = (("total_time_ms", "total time (ms)"), ("downtime_ms", "downtime (ms)"),
            ("setup_time_ms", "setup (ms)"), ("reply_gap_ms", "longest echo-reply gap (ms)"),
+           ("mac_moved_s", "bridge forwards to the new TAP, after `completed` (s)"),
            ("transferred_mib", "RAM sent (MiB)"), ("dirty_syncs", "dirty syncs"))
 
 
@@ -167,7 +168,7 @@ def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, Any]]:
 def _cell(st: dict[str, float] | None) -> str:
     if not st:
         return "—"
-    fmt = "{:.0f}" if st["median"] >= 10 else "{:.1f}"
+    fmt = "{:.0f}" if st["median"] >= 10 else "{:.1f}" if st["median"] >= 1 else "{:.2f}"
     return f"{fmt.format(st['median'])} [{fmt.format(st['min'])}–{fmt.format(st['max'])}]"
 
 
