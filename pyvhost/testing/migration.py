@@ -95,9 +95,9 @@ FINAL_STATES = ("completed", "failed", "cancelled")
 # TCG loses guest-CPU writes during migration when a RAM block is a multiple of 64 pages: the
 # fast path of cpu_physical_memory_sync_dirty_bitmap() (include/exec/ram_addr.h) clears 64
 # dirty bits at a time without resetting the TCG TLB's dirty state, so later stores through
-# the TLB set no dirty bit and the destination keeps an old copy of the page. Fixed upstream in
-# QEMU 9.0 ("system/physmem: Fix migration dirty bitmap coherency with TCG memory access",
-# Nicholas Piggin, Feb 2024; Fixes: aa8dc044772); the installed 7.2.22 still has it. Seen here
+# the TLB set no dirty bit and the destination keeps an old copy of the page. Fixed upstream by
+# 03bfc2188f "physmem: Fix migration dirty bitmap coherency with TCG memory access" (QEMU 9.0;
+# Fixes: aa8dc044772); the installed 7.2.22 still has it. Seen here
 # with no vhost-user device at all (no NIC): 3 of 13 migrations of a 256 MiB guest left 1-6
 # pages of kernel data different between source and destination (counters, list pointers),
 # and the destination guest then oopsed (slab freelist corruption, a timer callback pointing
