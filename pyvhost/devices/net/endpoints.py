@@ -207,6 +207,10 @@ class FrameRing:
         return ok, failed
 
 
+# Frames a TAP may hold when a receive ring starts (its queue is 1000 frames by default).
+STALE_DRAIN_LIMIT = 4096
+
+
 def drain_fd(fd: int, scratch: bytearray, limit: int) -> int:
     """Read and discard up to `limit` frames; returns how many."""
     n = 0
@@ -347,6 +351,7 @@ class NetIo:
         self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
             if self.loopback else []
         self._drain_buf = bytearray(RK.HDR + 65536)
+        self.rx_stale = 0
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -354,6 +359,12 @@ class NetIo:
         pair = queue.index // 2
         if pair < self.queue_pairs:
             (self.tx_segs if queue.index % 2 else self.rx_segs)[pair].resize(queue.size)
+            if not queue.index % 2 and self.rx_tap is not None:
+                # Frames the host sent into the TAP while no guest ring was there (before the
+                # VM started, or while it migrated here) are stale: drop them, as DPDK's TAP
+                # PMD does, rather than hand a guest seconds-old ARPs and MLD reports.
+                self.rx_stale += drain_fd(self.rx_tap.fds[pair], self._drain_buf,
+                                          STALE_DRAIN_LIMIT)
 
     def extra_wait_fds(self, index: int) -> tuple[int, ...]:
         if index % 2 or index // 2 >= self.queue_pairs:
@@ -454,6 +465,7 @@ class NetIo:
             "rx_dropped": int(rx[:, RK.RX_TOO_BIG].sum()) + sum(r.dropped for r in self.rx_ring),
             "rx_backlog_waits": int(rx[:, RK.RX_WAITS].sum()),
             "rx_bad_buffers": int(rx[:, RK.RX_BAD_BUFFERS].sum()),
+            "rx_stale_dropped": self.rx_stale,
             "tx_dropped": int(self.tx_extra[:, [RK.TX_OVERSIZE, RK.TX_SHORT,
                                                 RK.TX_WRITE_ERRORS]].sum()),
         }
