@@ -44,7 +44,7 @@ class DeviceSession:
         self.ram = GuestRam([(0, ram_mib * MiB)])
         try:
             # The server warms the device up (compiles its kernels) before it listens.
-            if not self.server.listening.wait(120):
+            if not self.server.listening.wait(600):  # a cold numba cache compiles for minutes
                 raise TimeoutError(f"the daemon did not listen on {path}")
             self.fe = VhostUserFrontend(str(path))
             self.negotiated = self.fe.negotiate(features, protocol)
