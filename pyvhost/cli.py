@@ -407,6 +407,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_bench(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # At DEBUG numba would log every compiler pass (165 MB a minute while a cold cache compiles).
+    logging.getLogger("numba").setLevel(max(logging.INFO, logging.getLogger().level))
     command = DEVICE_COMMANDS[args.device]
     if args.print_capabilities:  # spelt short (argparse allows prefixes)
         return print_capabilities(command, argv[1:])
