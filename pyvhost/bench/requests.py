@@ -19,16 +19,15 @@ import argparse
 import json
 import platform
 import statistics
-import struct
 import time
 
+from pyvhost.bench.ring import QUEUE_SIZE, RingBench
 from pyvhost.device import Device, Request, RequestRunner, _Pieces
 from pyvhost.ring.layout import AVAIL_IDX
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
 from pyvhost.testing.pairing import backend_memory, device_queue
 
-QUEUE_SIZE = 1024
 PAYLOAD = b"0123456789abcdef"
 
 
@@ -37,7 +36,9 @@ class Write16(Device):
         return request.write(PAYLOAD)
 
 
-class RequestBench:
+class RequestBench(RingBench):
+    """The ring benchmark's queue and refill (bench/ring.py), served by a RequestRunner."""
+
     def __init__(self, mode: str, burst: int) -> None:
         self.ram = GuestRam([(0, 64 << 20)])
         self.driver = MockSplitQueue(self.ram, QUEUE_SIZE)
@@ -53,10 +54,7 @@ class RequestBench:
         self.runner.resize(QUEUE_SIZE)
         self._avail_idx_gpa = self.driver.avail_ring + AVAIL_IDX
         self._avail_idx = self.driver.published_avail
-
-    def refill(self) -> None:
-        self._avail_idx = (self._avail_idx + QUEUE_SIZE) & 0xFFFF
-        self.ram.write(self._avail_idx_gpa, struct.pack("<H", self._avail_idx))
+        self.log = None
 
     def drain(self) -> int:
         """Serve until the ring is empty, one serve() per burst, as a worker's rounds do."""
@@ -71,16 +69,6 @@ class RequestBench:
             if n == 0:
                 return done
             done += n
-
-    def run_for(self, seconds: float) -> float:
-        requests, busy = 0, 0.0
-        end = time.perf_counter() + seconds
-        while time.perf_counter() < end:
-            t0 = time.thread_time()
-            requests += self.drain()
-            busy += time.thread_time() - t0
-            self.refill()
-        return requests / busy
 
     def close(self) -> None:
         assert all(self.ram.read(gpa, len(PAYLOAD)) == PAYLOAD for gpa in self._buffers)
