@@ -27,6 +27,7 @@ import numpy as np
 
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.errors import BadRegionError
+from pyvhost.memory.region import unmap
 
 PAGE_SHIFT = 12  # the log's page: 4 KiB whatever the host's page size
 
@@ -76,12 +77,9 @@ class DirtyLog:
         if self._mmap is None:
             return True
         self.bits = None
-        try:
-            self._mmap.close()
-        except BufferError:
+        if not unmap(self._mmap, self._fd):
             return False
         self._mmap = None
-        self._fd.close()
         return True
 
 

@@ -89,18 +89,27 @@ class MappedRegion:
         if self.pins:
             return False
         self.data = None
-        try:
-            self._mmap.close()
-        except BufferError:
+        if not unmap(self._mmap, self._fd):
             return False
         self._mmap = None
-        self._fd.close()
         return True
 
     def __repr__(self) -> str:
         s = self.spec
         return (f"MappedRegion(gpa=0x{s.guest_phys_addr:x}, size=0x{s.memory_size:x}, "
                 f"user=0x{s.userspace_addr:x}{', closed' if self.closed else ''})")
+
+
+def unmap(mapping: mmap.mmap, fd: OwnedFd) -> bool:
+    """Unmap and close the fd it came from; False (both kept) while views of it are alive
+    (mmap refuses to close while a buffer export lives: the safety net against unmapping
+    under a reader)."""
+    try:
+        mapping.close()
+    except BufferError:
+        return False
+    fd.close()
+    return True
 
 
 def _check_backing_size(fd: OwnedFd, length: int, spec: RegionSpec) -> None:
