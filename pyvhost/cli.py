@@ -203,8 +203,12 @@ register(DeviceCommand(
 
 
 def add_blk_options(blk: argparse.ArgumentParser) -> None:
-    blk.add_argument("--file", "--blk-file", dest="file", required=True, metavar="IMAGE",
-                     help="raw image file or block device (capacity: its size / 512)")
+    backing = blk.add_mutually_exclusive_group()  # one is needed (checked in build)
+    backing.add_argument("--file", "--blk-file", dest="file", metavar="IMAGE",
+                         help="raw image file or block device (capacity: its size / 512)")
+    backing.add_argument("--null", metavar="SIZE",
+                         help="no storage: a disk of SIZE bytes (K/M/G suffixes) whose reads "
+                              "and writes complete without I/O (benchmarks; as null-co)")
     blk.add_argument("--readonly", "--read-only", dest="readonly", action="store_true",
                      help="offer VIRTIO_BLK_F_RO; writes, discards and zeroing fail (IOERR)")
     blk.add_argument("--queues", type=int, default=4,

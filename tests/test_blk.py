@@ -306,6 +306,30 @@ def test_flush_get_id_and_unsupported_types(tmp_path, image_file):
         BlkDevice(image, serial="abcdefghijklmnopqrstu")  # 21 bytes
 
 
+def test_null_disk_completes_without_io(tmp_path):
+    """`--null SIZE`: the checks of a real disk, no storage (reads leave buffers as they are)."""
+    from pyvhost.devices.blk.command import parse_size
+    assert parse_size("1G") == 1 << 30 and parse_size("64MiB") == 64 << 20
+    assert parse_size("4096") == 4096
+    for bad in ("", "x", "0", "-1M", "1Q"):
+        with pytest.raises(ValueError):
+            parse_size(bad)
+    with pytest.raises(ValueError):
+        BlkImage.open_null(100)
+    with BlkImage.open_null(1 << 20) as image, Blk(tmp_path, image) as blk:
+        assert image.null and image.capacity == 2048
+        blk.session.start_queue(0)
+        assert blk.read(0, 2040, 4096)[0] == B.S_OK
+        assert blk.read(0, 2041, 4096)[0] == B.S_IOERR  # past the capacity
+        assert blk.write(0, 0, b"x" * 8192, pieces=3) == B.S_OK
+        assert blk.write(0, 0, b"x" * 100) == B.S_IOERR  # not a multiple of 512
+        assert blk.simple(0, [hdr(B.T_FLUSH)]) == B.S_OK
+        assert blk.simple(0, [hdr(B.T_DISCARD), seg(8, 8)]) == B.S_OK
+        assert blk.simple(0, [hdr(B.T_WRITE_ZEROES), seg(8, 8, 1)]) == B.S_OK
+        st = blk.device.stats()
+        assert st["blk_reads"] == 1 and st["blk_writes"] == 1 and st["blk_io_errors"] == 2
+
+
 def test_discard_and_write_zeroes(tmp_path):
     path = tmp_path / "disk.raw"
     data = make_image(path, 2048)  # 1 MiB

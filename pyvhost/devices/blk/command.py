@@ -31,17 +31,43 @@ def build(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:
         serial = serial_bytes(args.serial)
     except ValueError as exc:
         raise UsageError(f"--serial: {exc}") from None
-    try:
-        image = BlkImage.open(args.file, readonly=args.readonly, direct=args.direct)
-    except (OSError, ValueError) as exc:
-        raise SetupError(f"cannot open --file {args.file}: {exc}") from None
+    if args.file is None and args.null is None:
+        raise UsageError("one of --file IMAGE or --null SIZE is required")
+    if args.null is not None:
+        if args.direct:
+            raise UsageError("--direct needs a --file")
+        try:
+            image = BlkImage.open_null(parse_size(args.null), readonly=args.readonly)
+        except ValueError as exc:
+            raise UsageError(f"--null {args.null}: {exc}") from None
+    else:
+        try:
+            image = BlkImage.open(args.file, readonly=args.readonly, direct=args.direct)
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"cannot open --file {args.file}: {exc}") from None
     if image.size % 512:
         logging.getLogger("pyvhost").warning(
             "%s: size %d is not a multiple of 512; its last %d bytes are not on the disk",
-            args.file, image.size, image.size % 512)
+            image.path, image.size, image.size % 512)
 
     def device() -> Device:
         return blk_cls(image, queues=args.queues, queue_size=q, serial=serial,
                        io_threads=args.io_threads)
 
     return DeviceSetup(factory=device, close=image.close)
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "SIZE[K|M|G|T]" (powers of 1024; a trailing "iB" or "B" is allowed)."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    scale = 1
+    if t and t[-1] in "KMGT":
+        scale = 1 << (10 * ("KMGT".index(t[-1]) + 1))
+        t = t[:-1]
+    try:
+        value = int(t)
+    except ValueError:
+        raise ValueError(f"not a size ({text!r}: a number with K, M, G or T)") from None
+    if value <= 0:
+        raise ValueError("must be positive")
+    return value * scale

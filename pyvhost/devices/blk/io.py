@@ -123,7 +123,8 @@ class BlkImage:
     """An open image: a raw file or a block device. Thread-safe (positioned I/O only)."""
 
     def __init__(self, fd: int, path: str, size: int, *, readonly: bool, direct: bool,
-                 align: int, physical_block: int, block_device: bool) -> None:
+                 align: int, physical_block: int, block_device: bool,
+                 null: bool = False) -> None:
         self.fd = fd
         self.path = path
         #: Bytes of the image; the disk is `capacity` 512-byte sectors (a partial tail sector
@@ -136,6 +137,9 @@ class BlkImage:
         self.align = align
         self.physical_block = physical_block
         self.block_device = block_device
+        #: No storage (`null`): reads leave the guest's buffers as they are, writes, flushes,
+        #: discards and zeroing succeed without I/O (as qemu-storage-daemon's null-co).
+        self.null = null
         self._bounces: list[_Bounce] = []
         self._nowait = True
         self._lock = threading.Lock()
@@ -175,11 +179,21 @@ class BlkImage:
             os.close(fd)
             raise
 
+    @classmethod
+    def open_null(cls, size: int, *, readonly: bool = False) -> "BlkImage":
+        """A null disk of `size` bytes: every range check as for a file, no I/O at all (what
+        the benchmark measures the device's own overhead with)."""
+        if size < SECTOR_SIZE:
+            raise ValueError(f"null disk of {size} bytes: at least one sector ({SECTOR_SIZE})")
+        return cls(-1, f"null:{size}", size, readonly=readonly, direct=False,
+                   align=SECTOR_SIZE, physical_block=SECTOR_SIZE, block_device=False, null=True)
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        os.close(self.fd)
+        if self.fd >= 0:
+            os.close(self.fd)
         with self._lock:
             bounces, self._bounces = self._bounces, []
         for b in bounces:
@@ -207,6 +221,8 @@ class BlkImage:
         """Fill `iovecs` (host addresses) from the image at byte `offset`."""
         length = sum(n for _, n in iovecs)
         self.check_range(offset, length)
+        if self.null:
+            return
         if self.direct and not self._aligned(iovecs):
             self._bounced(False, iovecs, offset, length, 0)
         else:
@@ -220,6 +236,8 @@ class BlkImage:
             return 0
         length = sum(n for _, n in iovecs)
         self.check_range(offset, length)
+        if self.null:
+            return length
         pending = [(a, n) for a, n in iovecs if n > 0][:IOV_MAX]
         arr = (Iovec * len(pending))(*[Iovec(a, n) for a, n in pending])
         r = _preadv2(self.fd, arr, len(pending), offset, os.RWF_NOWAIT)
@@ -234,6 +252,8 @@ class BlkImage:
         self._writable()
         length = sum(n for _, n in iovecs)
         self.check_range(offset, length)
+        if self.null:
+            return
         flags = os.RWF_DSYNC if dsync else 0
         if self.direct and not self._aligned(iovecs):
             self._bounced(True, iovecs, offset, length, flags)
@@ -242,14 +262,15 @@ class BlkImage:
 
     def flush(self) -> None:
         """Make every completed write stable (fdatasync)."""
-        os.fdatasync(self.fd)
+        if not self.null:
+            os.fdatasync(self.fd)
 
     def discard(self, offset: int, length: int) -> bool:
         """Deallocate [offset, offset+length) (later reads return zeroes where the file system
         or device did). False if the image cannot deallocate (discard is a hint: not an error)."""
         self._writable()
         self.check_range(offset, length)
-        if length == 0:
+        if length == 0 or self.null:
             return True
         try:
             if self.block_device:  # a device's own discard (PUNCH_HOLE would also zero)
@@ -270,7 +291,7 @@ class BlkImage:
         else ZERO_RANGE, else punch + allocate, else writing zeroes. Returns how it was done."""
         self._writable()
         self.check_range(offset, length)
-        if length == 0:
+        if length == 0 or self.null:
             return "nothing"
         how = self._zero(offset, length, unmap)
         if dsync:
