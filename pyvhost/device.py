@@ -54,6 +54,7 @@ from pyvhost.memory.table import KM_LOG, KernelMemory, RegionTable
 from pyvhost.ring import kernels as K
 from pyvhost.ring.chains import ChainScratch
 from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.inflight import push_used_burst_inflight
 from pyvhost.ring.layout import MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1
 from pyvhost.ring.split_queue import SplitQueue
 
@@ -336,6 +337,12 @@ class Device:
     max_queue_size: int = MAX_QUEUE_SIZE
     #: process_burst/discard_burst take `window=` and may keep polling (ring/poll.py).
     polls_in_kernel: ClassVar[bool] = False
+    #: Inflight I/O tracking (VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD): the frontend keeps a record
+    #: of the requests in flight that outlives this process, and a restarted device serves them
+    #: again, in order, before new ones (vhost-user-blk: no write lost across a crash). Requests
+    #: must then be safe to repeat. Rings served through `handle()` are tracked by pyvhost; a
+    #: `process_burst` data path calls the ring/inflight.py primitives itself.
+    tracks_inflight: bool = False
 
     def __init__(self) -> None:
         #: Virtio features the frontend acknowledged (SET_FEATURES), transport bits included.
@@ -478,7 +485,7 @@ class RequestRunner:
         self._table_of_burst = table
         done, notify = self._flush(mem, views) if self._inbox else (0, False)
         s = self.scratch
-        n = s.pop(mem, q, views, queue.max_burst)
+        n = s.pop(mem, q, views, queue.max_burst, queue.inflight.views)
         if n <= 0:
             return done, notify
         self.requests += n
@@ -535,8 +542,9 @@ class RequestRunner:
     def _publish(self, mem: KernelMemory, views: RingViews, heads: list[int],
                  lens: list[int]) -> bool:
         n = len(heads)
-        r = K.push_used_burst(mem, self.queue.q, views, np.array(heads, dtype=np.int64),
-                              np.array(lens, dtype=np.int64), n)
+        r = push_used_burst_inflight(mem, self.queue.q, views, self.queue.inflight.views,
+                                     np.array(heads, dtype=np.int64),
+                                     np.array(lens, dtype=np.int64), n)
         return bool(r == 1)
 
     def _log(self, mem: KernelMemory, dirty: list[tuple[int, int]]) -> None:
@@ -635,7 +643,7 @@ def warm_up_request_kernels() -> None:
     q.q[:] = 0
     q.set_size(1)
     empty = np.zeros(1, dtype=np.int64)
-    K.push_used_burst(mem, q.q, NO_VIEWS, empty, empty, 0)
+    push_used_burst_inflight(mem, q.q, NO_VIEWS, q.inflight.views, empty, empty, 0)
     K.log_ranges(mem, q.q, empty, empty, 0)
     K.enable_notification(mem, q.q, NO_VIEWS)
     K.disable_notification(mem, q.q, NO_VIEWS)

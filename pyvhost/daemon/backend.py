@@ -44,6 +44,8 @@ from pyvhost.memory.dirty_log import BadLogError, DirtyLog
 from pyvhost.memory.epoch import GraceTimeout
 from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
 from pyvhost.memory.guest_memory import GuestMemory
+from pyvhost.memory.inflight_area import BadInflightArea, InflightArea
+from pyvhost.memory.inflight_area import allocate as allocate_inflight
 from pyvhost.memory.region import RegionSpec
 from pyvhost.protocol import (
     EMPTY,
@@ -51,6 +53,7 @@ from pyvhost.protocol import (
     BackendProtocol,
     ConfigSpace,
     FrontendRequest,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -81,6 +84,7 @@ from pyvhost.ring.layout import (
     is_valid_queue_size,
     used_ring_size,
 )
+from pyvhost.ring.inflight import InflightError, queue_region_size
 from pyvhost.ring.split_queue import SplitQueue
 
 log = logging.getLogger(__name__)
@@ -114,6 +118,14 @@ class RequestRefused(Exception):
 
 class ConnectionFatal(Exception):
     """The request cannot be answered or refused in-band: the connection must close."""
+
+
+@dataclass(frozen=True)
+class ReplyWithFds:
+    """What a handler returns for a reply that carries fds (kept open until sent)."""
+
+    payload: Payload
+    fds: Sequence[OwnedFd]
 
 
 @dataclass(frozen=True)
@@ -159,11 +171,15 @@ class Backend:
         self.status = 0
         self.backend_req: OwnedFd | None = None
         self.log_fd: EventFd | None = None
+        self.inflight: InflightArea | None = None     # SET_INFLIGHT_FD's, mapped
+        self._inflight_offer: OwnedFd | None = None   # GET_INFLIGHT_FD's memfd, until sent
+        self.inflight_resubmitted = 0
         self.queues_broken = 0
         self.requests = 0
         self.refused = 0
         self.closed = False
-        self._handlers: dict[FrontendRequest, Callable[[Message], Payload | None]] = {
+        self._handlers: dict[FrontendRequest,
+                             Callable[[Message], Payload | ReplyWithFds | None]] = {
             R.GET_FEATURES: self._get_features,
             R.SET_FEATURES: self._set_features,
             R.GET_PROTOCOL_FEATURES: self._get_protocol_features,
@@ -189,6 +205,8 @@ class Backend:
             R.GET_CONFIG: self._get_config,
             R.SET_CONFIG: self._set_config,
             R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            R.GET_INFLIGHT_FD: self._get_inflight_fd,
+            R.SET_INFLIGHT_FD: self._set_inflight_fd,
             R.RESET_DEVICE: self._reset_device,
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
@@ -223,7 +241,8 @@ class Backend:
 
     @property
     def offered_protocol_features(self) -> int:
-        return BASE_PROTOCOL_FEATURES | self.device.protocol_features
+        inflight = P.INFLIGHT_SHMFD.mask if self.device.tracks_inflight else 0
+        return BASE_PROTOCOL_FEATURES | self.device.protocol_features | inflight
 
     @property
     def offered_features(self) -> int:
@@ -232,6 +251,7 @@ class Backend:
 
     def _dispatch(self, msg: Message) -> list[Outgoing]:
         self.requests += 1
+        handler: Callable[[Message], Payload | ReplyWithFds | None] | None
         handler = self._handlers.get(msg.request)  # type: ignore[arg-type]
         if handler is None:
             self.refused += 1
@@ -249,6 +269,8 @@ class Backend:
             self.refused += 1
             log.error("%s: %s refused: %s", self.name, msg.request.name, exc)
             return self._refusal(msg)
+        if isinstance(payload, ReplyWithFds):
+            return [(self.protocol.reply(msg, payload.payload, payload.fds), payload.fds)]
         if payload is not None:
             return [(self.protocol.reply(msg, payload), ())]
         ack = self.protocol.ack(msg, 0)
@@ -509,6 +531,8 @@ class Backend:
         if resync is not None:
             (log.warning if resync.resumed else log.error)(
                 "%s: queue %d: %s", self.name, vr.index, resync.describe())
+        if q.inflight.enabled:
+            self._recover_inflight(vr)
         if vr.runner is not None:
             vr.runner.resize(q.size)
         self.device.on_queue_started(q)
@@ -674,6 +698,95 @@ class Backend:
             self.backend_req.close()
         self.backend_req = msg.take_fd()
 
+    # -- inflight I/O tracking (ring/inflight.py) -----------------------------------------------
+
+    def _inflight_region_size(self, d: InflightDesc) -> int:
+        """The queue region size of a GET/SET_INFLIGHT_FD's geometry, which must fit the
+        device (InflightError otherwise)."""
+        if not 1 <= d.num_queues <= len(self.vrings):
+            raise InflightError(f"{d.num_queues} queues; the device has {len(self.vrings)}")
+        if not is_valid_queue_size(d.queue_size) or d.queue_size > self.device.max_queue_size:
+            raise InflightError(f"queue size {d.queue_size} is not a power of two <= "
+                                f"{self.device.max_queue_size}")
+        return queue_region_size(d.queue_size)
+
+    def _get_inflight_fd(self, msg: Message) -> Payload | ReplyWithFds:
+        """Allocate a zeroed area for the frontend to keep; mmap_size 0 says "none"."""
+        d = msg.payload
+        assert isinstance(d, InflightDesc)
+        try:
+            if not (self.device.tracks_inflight
+                    and self.protocol.negotiation.has(P.INFLIGHT_SHMFD)):
+                raise InflightError("INFLIGHT_SHMFD was not negotiated")
+            fd, size = allocate_inflight(d.num_queues, self._inflight_region_size(d))
+        except (InflightError, OSError) as exc:
+            self.refused += 1
+            log.error("%s: GET_INFLIGHT_FD: no inflight area: %s", self.name, exc)
+            return InflightDesc(0, 0, 0, 0)
+        if self._inflight_offer is not None:
+            self._inflight_offer.close()
+        self._inflight_offer = fd  # open until sent; closed at SET_INFLIGHT_FD or disconnect
+        log.info("%s: inflight area allocated: %d queues of %d entries, %d bytes", self.name,
+                 d.num_queues, d.queue_size, size)
+        return ReplyWithFds(InflightDesc(size, 0, d.num_queues, d.queue_size), [fd])
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        """Map the frontend's area (sent before every start) and track the rings into it."""
+        d = msg.payload
+        assert isinstance(d, InflightDesc)
+        fd = msg.take_fd()
+        if self._inflight_offer is not None:
+            self._inflight_offer.close()
+            self._inflight_offer = None
+        started = [vr.index for vr in self.vrings if vr.started]
+        try:
+            if not self.device.tracks_inflight:
+                raise InflightError(f"the {self.device.name} device does not track requests "
+                                    "in flight")
+            if started:
+                raise InflightError(f"queues {started} are running (it must come before a "
+                                    "start)")
+            region_size = self._inflight_region_size(d)
+        except InflightError as exc:
+            fd.close()
+            raise RequestRefused(f"inflight area not used: {exc}") from exc
+        try:
+            area = InflightArea(fd, d.mmap_size, d.mmap_offset, d.num_queues, region_size)
+        except BadInflightArea as exc:  # the fd is closed
+            self._close_inflight()
+            raise RequestRefused(f"inflight area not used: {exc}; requests in flight will not "
+                                 "survive a restart of this device") from exc
+        self._close_inflight()
+        for i in range(d.num_queues):
+            self.vrings[i].queue.inflight.attach(area.region(i), d.queue_size)
+        self.inflight = area
+        log.info("%s: inflight area: %d queues of %d entries (%d bytes)", self.name,
+                 d.num_queues, d.queue_size, d.mmap_size)
+
+    def _close_inflight(self) -> None:
+        """Stop tracking (no ring running) and unmap the area."""
+        for vr in self.vrings:
+            vr.queue.inflight.detach()
+        area, self.inflight = self.inflight, None
+        if area is not None and not area.close():
+            log.error("%s: inflight area still referenced; not unmapped", self.name)
+
+    def _recover_inflight(self, vr: Vring) -> None:
+        """At start: bring the ring's inflight region up to date with used->idx, queue what
+        a killed predecessor left in flight for resubmission, and resume after it."""
+        q = vr.queue
+        try:
+            rec = q.inflight.recover(q.next_used, q.size)
+        except InflightError as exc:
+            raise RequestRefused(f"queue {vr.index}: inflight region unusable: {exc}") from exc
+        if rec.next_avail != q.next_avail:
+            log.info("%s: queue %d: base %d -> next avail %d from the inflight region",
+                     self.name, vr.index, q.next_avail, rec.next_avail)
+        q.set_next_avail(rec.next_avail)
+        self.inflight_resubmitted += len(rec.resubmit)
+        (log.warning if rec.resubmit or rec.cleared else log.info)(
+            "%s: queue %d: %s", self.name, vr.index, rec.describe())
+
     def _reset_device(self, msg: Message) -> None:
         self._reset("RESET_DEVICE")
 
@@ -720,6 +833,8 @@ class Backend:
         s["grace_timeouts"] = g.timeouts
         s["leaked_mappings"] = self.memory.leaked_mappings
         s["queues_broken"] = self.queues_broken
+        if self.device.tracks_inflight:
+            s["inflight_resubmitted"] = self.inflight_resubmitted
         runners = [vr.runner.stats() for vr in self.vrings if vr.runner is not None]
         for key in ("requests", "deferred", "in_flight"):
             if runners:
@@ -762,6 +877,10 @@ class Backend:
         if self.log_fd is not None:
             self.log_fd.close()
             self.log_fd = None
+        self._close_inflight()
+        if self._inflight_offer is not None:
+            self._inflight_offer.close()
+            self._inflight_offer = None
         self.protocol.close()
 
 

@@ -25,6 +25,9 @@ import numpy as np
 from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_SIZE
 from pyvhost.ring import kernels as K
 from pyvhost.ring.errors import RingErrorCode as E
+from pyvhost.ring.inflight import (NO_INFLIGHT, InflightViews, inflight_mark,
+                                   inflight_peek_resubmit, inflight_resubmit_pending,
+                                   inflight_take_resubmit)
 from pyvhost.ring.jit import kernel
 
 
@@ -51,8 +54,9 @@ class ChainScratch:
         self.piece_gpa = np.zeros(pieces, dtype=np.int64)
         self.piece_len = np.zeros(pieces, dtype=np.int64)
 
-    def pop(self, mem: tuple, q: np.ndarray, views: tuple, max_chains: int) -> int:
-        return int(pop_requests(mem, q, views, min(max_chains, self.max_chains), self.heads,
+    def pop(self, mem: tuple, q: np.ndarray, views: tuple, max_chains: int,
+            iv: InflightViews = NO_INFLIGHT) -> int:
+        return int(pop_requests(mem, q, views, iv, min(max_chains, self.max_chains), self.heads,
                                 self.piece_end, self.first_writable, self.readable,
                                 self.writable, self.seg_addr, self.seg_len, self.seg_flags,
                                 self.piece_region, self.piece_offset, self.piece_host,
@@ -60,21 +64,28 @@ class ChainScratch:
 
 
 @kernel
-def pop_requests(mem, q, views, max_chains, heads, piece_end, first_writable, readable, writable,
-                 seg_addr, seg_len, seg_flags, piece_region, piece_offset, piece_host, piece_gpa,
-                 piece_len):
+def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable, readable,
+                 writable, seg_addr, seg_len, seg_flags, piece_region, piece_offset, piece_host,
+                 piece_gpa, piece_len):
     """Pop up to max_chains chains into host pieces. Returns the chains popped, or -1 if the
-    queue broke (q[Q_ERROR] says why)."""
+    queue broke (q[Q_ERROR] says why). On a ring with inflight tracking (`iv`, ring/inflight.py)
+    the heads to resubmit come first, and every chain taken from the avail ring is marked in
+    flight as it is accepted."""
     if q[K.Q_ERROR] != 0:
         return -1
     n = K.avail_count(mem, q, views)
     if n < 0:
         return -1
-    n = min(n, max_chains, heads.shape[0])
+    n = min(n + inflight_resubmit_pending(iv), max_chains, heads.shape[0])
     cap = piece_host.shape[0]
     pos = 0
     for k in range(n):
-        head, nseg, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
+        resubmitted = inflight_resubmit_pending(iv) > 0
+        if resubmitted:
+            head, nseg, _ = K.walk_chain(mem, q, views, inflight_peek_resubmit(iv), seg_addr,
+                                         seg_len, seg_flags, 0)
+        else:
+            head, nseg, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
         if head == -1:
             return -1
         if head == -2:
@@ -118,8 +129,13 @@ def pop_requests(mem, q, views, max_chains, heads, piece_end, first_writable, re
             if k == 0:
                 K.fail(q, E.CHAIN_TOO_LONG, head)
                 return -1
-            K.rewind(q, 1)
+            if not resubmitted:  # a resubmitted head is simply taken next time
+                K.rewind(q, 1)
             return k
+        if resubmitted:
+            inflight_take_resubmit(iv)
+        else:
+            inflight_mark(iv, head)
         heads[k] = head
         piece_end[k] = pos
         first_writable[k] = first_w if first_w >= 0 else pos

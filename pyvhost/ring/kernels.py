@@ -457,6 +457,19 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     if head >= size:
         fail(q, E.HEAD_OUT_OF_RANGE, head)
         return -1, seg_pos, 0
+    head, pos, total = walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, seg_pos)
+    if head >= 0:
+        q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
+        q[Q_CHAINS] += 1
+    return head, pos, total
+
+
+@inlined_kernel
+def walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, seg_pos):
+    """Walk the chain whose head descriptor is `head` (0 <= head < size, checked by the caller)
+    into the segment arrays from seg_pos, checking every descriptor; pop_chain's returns.
+    The avail ring is not touched (inflight resubmission walks heads it took earlier)."""
+    size = q[Q_SIZE]
     cap = seg_addr.shape[0]
     pos = seg_pos
     total = 0
@@ -527,8 +540,6 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
             fail(q, E.NEXT_OUT_OF_RANGE, nxt)
             return -1, seg_pos, 0
         i = nxt
-    q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] + 1) & 0xFFFF
-    q[Q_CHAINS] += 1
     return head, pos, total
 
 

@@ -26,6 +26,7 @@ from pyvhost.memory.table import RegionTable
 from pyvhost.ring import kernels as K
 from pyvhost.ring.direct_map import NO_VIEWS, DirectMap, RingViews, build_direct_map
 from pyvhost.ring.errors import RingError, RingErrorCode, describe
+from pyvhost.ring.inflight import InflightRing
 from pyvhost.ring.layout import (AVAIL_ALIGN, AVAIL_IDX, DESC_ALIGN, USED_ALIGN, USED_IDX,
                                  is_valid_queue_size)
 
@@ -134,6 +135,8 @@ class SplitQueue:
         #: What the device's own code raised when it broke the queue (DEVICE_FAILED).
         self.device_error = ""
         self.max_burst = max_burst
+        #: Inflight I/O tracking (ring/inflight.py): off until SET_INFLIGHT_FD gives a region.
+        self.inflight = InflightRing()
         self._alloc_scratch(max_burst)
 
     def _alloc_scratch(self, burst: int) -> None:

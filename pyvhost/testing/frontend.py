@@ -38,6 +38,7 @@ from pyvhost.protocol import (
     ConfigSpace,
     FrontendProtocol,
     FrontendRequest,
+    InflightDesc,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -104,6 +105,29 @@ class Negotiated:
 
     def has(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features & feature.mask)
+
+
+@dataclass(slots=True)
+class InflightShm:
+    """An inflight area the back-end allocated (GET_INFLIGHT_FD), kept by the front-end across
+    back-end restarts as QEMU keeps it; the caller owns it (`close()`)."""
+
+    fd: OwnedFd
+    size: int
+    offset: int
+    num_queues: int
+    queue_size: int
+
+    @property
+    def desc(self) -> InflightDesc:
+        return InflightDesc(self.size, self.offset, self.num_queues, self.queue_size)
+
+    def read(self) -> bytes:
+        """The whole area as it is now."""
+        return os.pread(self.fd.fileno(), self.size, self.offset)
+
+    def close(self) -> None:
+        self.fd.close()
 
 
 @dataclass(slots=True)
@@ -291,6 +315,32 @@ class VhostUserFrontend:
     def get_max_mem_slots(self) -> int:
         self._require(P.CONFIGURE_MEM_SLOTS)
         return self._get_u64(R.GET_MAX_MEM_SLOTS)
+
+    # -- inflight I/O tracking ----------------------------------------------------------------
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightShm | None:
+        """GET_INFLIGHT_FD: the back-end's area for num_queues queues of queue_size entries,
+        or None when it gives none (mmap_size 0). Send it with set_inflight_fd before the
+        rings start, on this connection and on those after a back-end restart."""
+        self._require(P.INFLIGHT_SHMFD)
+        self.send(R.GET_INFLIGHT_FD, InflightDesc(0, 0, num_queues, queue_size))
+        with self.recv_reply() as reply:
+            d = reply.payload
+            assert isinstance(d, InflightDesc)
+            if d.mmap_size == 0:
+                return None
+            return InflightShm(reply.take_fd(), d.mmap_size, d.mmap_offset, d.num_queues,
+                               d.queue_size)
+
+    def set_inflight_fd(self, shm: InflightShm | InflightDesc, fd: OwnedFd | int | None = None
+                        ) -> None:
+        """SET_INFLIGHT_FD with an area (or, for hostile tests, any description and fd)."""
+        if isinstance(shm, InflightShm):
+            desc, fd = shm.desc, shm.fd
+        else:
+            desc = shm
+        assert fd is not None
+        self._acked(R.SET_INFLIGHT_FD, desc, [fd])
 
     # -- queues --------------------------------------------------------------------------------
 

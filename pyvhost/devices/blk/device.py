@@ -101,6 +101,9 @@ class BlkDevice(Device):
 
     name = "blk"
     device_id = VIRTIO_ID_BLOCK
+    # Requests in flight survive a crash of this process (the frontend keeps the record and a
+    # restarted device resubmits them); every virtio-blk request is safe to repeat.
+    tracks_inflight = True
 
     def __init__(self, image: BlkImage, *, queues: int = DEFAULT_QUEUES,
                  queue_size: int = DEFAULT_QUEUE_SIZE, serial: str | bytes = "",
