@@ -387,6 +387,13 @@ class VhostUserFrontend:
             raise FrontendError(f"queue {index} was set up without a kick fd")
         os.eventfd_write(q.kick.fileno(), 1)
 
+    def queue_fds(self, index: int) -> tuple[int, int]:
+        """The queue's kick and call eventfd numbers (-1 for NOFD), for a driver loop that
+        notifies by itself (pyvhost.testing.blk_frontend); they stay ours to close."""
+        q = self._queue(index)
+        return (q.kick.fileno() if q.kick is not None else -1,
+                q.call.fileno() if q.call is not None else -1)
+
     def wait_call(self, index: int, timeout: float | None = None) -> int:
         """Wait for a used-buffer notification on the queue's call eventfd; returns the
         eventfd counter (calls since the last wait)."""
