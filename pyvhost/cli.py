@@ -392,8 +392,13 @@ def build_parser() -> argparse.ArgumentParser:
     for command in DEVICE_COMMANDS.values():
         _device_parser(sub, command)
     from pyvhost.bench.options import add_arguments as add_bench_arguments
-    add_bench_arguments(sub.add_parser(
-        "bench", help="benchmark pyvhost net against DPDK's vhost PMD (pyvhost.bench.vhost)"))
+    from pyvhost.bench.options import add_blk_arguments
+    bench = add_bench_arguments(sub.add_parser(
+        "bench", help="benchmark pyvhost net against DPDK's vhost PMD (pyvhost.bench.vhost); "
+                      "`bench blk`: pyvhost blk against qemu-storage-daemon"))
+    kinds = bench.add_subparsers(dest="bench_kind", metavar="{blk}")
+    add_blk_arguments(kinds.add_parser(
+        "blk", help="benchmark pyvhost blk against qemu-storage-daemon (pyvhost.bench.blk)"))
     return parser
 
 
@@ -407,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     if args.device == "bench":
+        if getattr(args, "bench_kind", None) == "blk":
+            from pyvhost.bench.blk import run as run_blk_bench
+            return run_blk_bench(args)
         from pyvhost.bench.vhost import run as run_bench
         return run_bench(args)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,

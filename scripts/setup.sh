@@ -23,6 +23,7 @@ DEBIAN_PACKAGES=(
     kmod xz-utils zstd            # depmod and module decompression for the guest
     iproute2 iputils-ping tcpdump # network namespaces and traffic checks
     procps util-linux             # mount, nproc, taskset
+    fio                           # pyvhost bench blk: host storage ceiling
 )
 
 log() { echo "setup: $*" >&2; }

@@ -43,3 +43,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
                         help=f"where vhost.json, vhost.md, vhost.png go (default {DEFAULT_OUT_DIR})")
     return parser
+
+
+# -- pyvhost bench blk --------------------------------------------------------------------------
+
+PYVHOST = "pyvhost"
+QSD = "qsd"
+FIO = "fio"
+BLK_CONTENDERS = (PYVHOST, QSD, FIO)
+BLK_BACKINGS = ("null", "pagecache", "direct")
+BLK_WORKLOADS = ("randread", "randwrite")
+
+
+def add_blk_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `pyvhost bench blk` (pyvhost.bench.blk)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 1 repetition, 0.2 s warm-up, 0.5 s windows, 64 MiB "
+                             "files")
+    parser.add_argument("--repeat", type=int, default=None, help="repetitions (default 3)")
+    parser.add_argument("--warmup", type=float, default=None,
+                        help="seconds skipped before each window (default 1)")
+    parser.add_argument("--window", type=float, default=None,
+                        help="seconds measured per workload (default 3)")
+    parser.add_argument("--qd", default="1,8,32,128", help="queue depths, comma-separated")
+    parser.add_argument("--workloads", default=",".join(BLK_WORKLOADS),
+                        help=f"subset of {','.join(BLK_WORKLOADS)}")
+    parser.add_argument("--backings", default=",".join(BLK_BACKINGS),
+                        help=f"subset of {','.join(BLK_BACKINGS)}")
+    parser.add_argument("--contenders", default=",".join(BLK_CONTENDERS),
+                        help=f"subset of {','.join(BLK_CONTENDERS)} (fio: the host ceiling)")
+    parser.add_argument("--size-mib", type=int, default=None,
+                        help="disk size in MiB (default 1024)")
+    parser.add_argument("--cache-dir", default="/dev/shm",
+                        help="tmpfs directory for the page-cache file (default /dev/shm)")
+    parser.add_argument("--disk-dir", default="/var/tmp",
+                        help="directory on a disk for the O_DIRECT file (default /var/tmp)")
+    parser.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
+    parser.add_argument("--chains", choices=("indirect", "direct"), default="indirect",
+                        help="requests as one indirect descriptor (as Linux) or 3 direct ones")
+    parser.add_argument("--pyvhost-args", default="--poll",
+                        help="extra `pyvhost blk` arguments (default: --poll)")
+    parser.add_argument("--qsd-main-loop", action="store_true",
+                        help="qemu-storage-daemon without an iothread")
+    parser.add_argument("--backend-cpu", type=int, default=cpus[-1])
+    parser.add_argument("--frontend-cpu", type=int, default=cpus[0])
+    parser.add_argument("--load-threshold", type=float, default=0.5,
+                        help="warn when the 1-minute load average at start exceeds this")
+    parser.add_argument("--out-dir", default=DEFAULT_OUT_DIR,
+                        help=f"where blk.json, blk.md, blk.png go (default {DEFAULT_OUT_DIR})")
+    return parser
