@@ -236,3 +236,113 @@ def test_logging_off_and_a_new_log(tmp_path):
         assert s.backend.stats()["log_enabled"] == 0
     first.close()
     second.close()
+
+
+# -- the log cache of the kernels, without a session: exactly the pages written get bits ------
+
+def _kernel_memory(log_addr: int, log_size: int) -> tuple:
+    """A KernelMemory with no regions and a log (log_ranges translates nothing)."""
+    empty = np.zeros(0, np.int64)
+    return (empty, empty, empty, empty, empty, np.array([log_addr, log_size], np.int64))
+
+
+@pytest.mark.parametrize("misalign", [0, 3])  # an 8-byte aligned log (word ORs) or not (bytes)
+@pytest.mark.parametrize("log_size", [64, 61])  # bytes: whole words, or a tail of 5 bytes
+def test_log_cache_sets_exactly_the_pages_of_each_range(misalign, log_size):
+    """Ranges straddling pages, log bytes and 64-page words, longer than a word, beyond the
+    log's end, repeated, descending, more words than the cache holds: after log_ranges the log
+    has the bits of exactly the pages written (within it), whatever was set before stays, and
+    what lies beyond is counted as dropped."""
+    from pyvhost.ring import kernels as K
+
+    rng = random.Random(f"{misalign}/{log_size}")
+    pages_in_log = log_size * 8
+    backing = np.zeros(log_size + 16, np.uint8)
+    start = (-backing.ctypes.data) % 8 + misalign
+    log = backing[start:start + log_size]
+    mem = _kernel_memory(log.ctypes.data, log_size)
+    cases = [
+        [(PAGE - 1, 2)],                          # straddles pages 0 and 1
+        [(7 * PAGE + 100, PAGE)],                 # pages 7 and 8: a log byte boundary
+        [(63 * PAGE, PAGE + 1)],                  # pages 63, 64: a word boundary
+        [(5 * PAGE, 200 * PAGE)],                 # more than three words
+        [(3 * PAGE, 10), (3 * PAGE + 10, 10), (3 * PAGE, 1)],  # the same page again
+        [(100 * PAGE, 1), (2 * PAGE, 1), (300 * PAGE, 1), (70 * PAGE, 1)],  # any order
+        [((pages_in_log - 2) * PAGE, 5 * PAGE)],  # runs off the end of the log
+        [(k * 64 * PAGE % (pages_in_log * PAGE), 1) for k in range(200)],  # > cache entries
+        [(rng.randrange(0, (pages_in_log + 40) * PAGE), rng.randint(1, 3 * PAGE))
+         for _ in range(300)],
+    ]
+    for ranges in cases:
+        before = np.array([rng.getrandbits(8) & rng.getrandbits(8) for _ in range(log_size)],
+                          np.uint8)
+        log[:] = before
+        q = np.zeros(K.QSTATE_LEN, np.int64)
+        gpas = np.array([g for g, _ in ranges], np.int64)
+        lens = np.array([n for _, n in ranges], np.int64)
+        K.log_ranges(mem, q, gpas, lens, len(ranges))
+        written = {p for g, n in ranges for p in range(g // PAGE, (g + n - 1) // PAGE + 1)}
+        expected = before.copy()
+        for p in written:
+            if p < pages_in_log:
+                expected[p >> 3] |= 1 << (p & 7)
+        assert log.tobytes() == expected.tobytes(), ranges
+        assert q[K.Q_LOG_N] == 0
+        beyond = {p for p in written if p >= pages_in_log}
+        assert q[K.Q_LOG_PAGES] >= len(written - beyond)
+        assert (q[K.Q_LOG_DROPPED] > 0) == bool(beyond)
+        assert backing[:start].sum() == 0 and backing[start + log_size:].sum() == 0
+
+
+@pytest.mark.parametrize("path", ["direct", "copy"])
+def test_used_ring_writes_logged_per_burst_across_the_wrap(path):
+    """Used elements are logged as one range per burst, used->idx and avail_event apart: a
+    burst that wraps from the end of a 3-page used ring to its start logs the first and last
+    pages and not the middle one; every page written is logged before push_used_burst
+    returns."""
+    from pyvhost.fd import OwnedFd
+    from pyvhost.memory.dirty_log import DirtyLog
+    from pyvhost.ring import kernels as K
+    from pyvhost.testing.guest_ram import GuestRam
+    from pyvhost.testing.pairing import backend_memory, device_queue
+
+    size = 1024  # used ring: 4 + 8 * 1024 + 2 bytes, from the middle of a page over 3 pages
+    ram = GuestRam([(0, 1 << 20)])
+    base = ram.alloc(3 * PAGE, PAGE) + PAGE // 2
+    driver = MockSplitQueue(ram, size, used=base, event_idx=True)
+    memory = backend_memory(ram)
+    queue = device_queue(driver, memory, metadata_access=path)
+    log = LogMemfd(1 << 20)
+    memory.set_log(DirtyLog(OwnedFd(os.dup(log.fd)), log.size, 0))
+    memory.set_log_all(True)
+    queue.set_used_log(driver.used_ring)
+    try:
+        table = memory.table
+        views = queue.round_views(table)
+        mem = table.kernel()
+
+        def pages(offset: int, n: int) -> set[int]:
+            return set(range((base + offset) // PAGE, (base + offset + n - 1) // PAGE + 1))
+
+        for first, n in [(0, 3), (300, 200), (1000, 40), (1020, 1030), (5, 1)]:
+            queue.q[K.Q_NEXT_USED] = first
+            log.seen[:] = False
+            log.consume()
+            heads = np.arange(n, dtype=np.int64) % size
+            assert K.push_used_burst(mem, queue.q, views, heads, heads, n) >= 0
+            expect = pages(2, 2)  # used->idx
+            for k in range(n):
+                expect |= pages(4 + 8 * ((first + k) % size), 8)
+            assert log.pages() == expect, (first, n)
+            assert queue.q[K.Q_LOG_N] == 0
+            assert queue.q[K.Q_LOG_USED_HI] <= queue.q[K.Q_LOG_USED_LO]
+        log.seen[:] = False
+        log.consume()
+        K.enable_notification(mem, queue.q, views)  # writes avail_event, at the ring's end
+        assert log.pages() == pages(4 + 8 * size, 2)
+        assert queue.q[K.Q_ERROR] == 0
+    finally:
+        queue.drop_views()
+        memory.close()
+        ram.close()
+        log.close()

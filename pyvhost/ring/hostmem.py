@@ -59,6 +59,7 @@ def _atomic_store(bits: int, nbtype):
 # far"). Relaxed atomics compile to plain movs on x86; the ring's fences still order them.
 load_u16 = _atomic_load(16, types.uint16)
 load_u32 = _atomic_load(32, types.uint32)
+load_u64 = _atomic_load(64, types.uint64)
 store_u16 = _atomic_store(16, types.uint16)
 store_u32 = _atomic_store(32, types.uint32)
 
@@ -75,6 +76,30 @@ def atomic_or_u8(typingctx, addr, value):
         builder.atomic_rmw("or", ptr, val, "monotonic")
         return context.get_dummy_value()
     return types.void(types.int64, value), codegen
+
+
+@intrinsic
+def atomic_or_u64(typingctx, addr, value):
+    """`*addr |= value` on a naturally aligned 64-bit word, atomically (as atomic_or_u8): 64
+    dirty-log pages in one `lock or`. QEMU clears the log in 64-bit chunks (xchg), so a word
+    is never torn between it and us; DPDK ORs bytes, which is the same to QEMU."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        val = context.cast(builder, args[1], signature.args[1], types.uint64)
+        builder.atomic_rmw("or", ptr, val, "monotonic")
+        return context.get_dummy_value()
+    return types.void(types.int64, value), codegen
+
+
+@intrinsic
+def popcount(typingctx, value):
+    """Bits set in a 64-bit integer (LLVM `ctpop`; x86 `popcnt` where the CPU has it)."""
+    def codegen(context, builder, signature, args):
+        val = context.cast(builder, args[0], signature.args[0], types.int64)
+        fnty = ir.FunctionType(ir.IntType(64), [ir.IntType(64)])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
+        return builder.call(fn, [val])
+    return types.int64(value), codegen
 
 
 @intrinsic

@@ -28,8 +28,8 @@ from pyvhost.memory.dirty_log import PAGE_SHIFT
 from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_LOG, KM_SIZE,
                                   KM_USER_START)
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
-from pyvhost.ring.hostmem import (atomic_or_u8, load_u8, load_u16, load_u32, prefetch, store_u8,
-                                  store_u16, store_u32)
+from pyvhost.ring.hostmem import (atomic_or_u8, atomic_or_u64, load_u8, load_u16, load_u32,
+                                  load_u64, popcount, prefetch, store_u8, store_u16, store_u32)
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 
@@ -50,10 +50,12 @@ Q_NOTIFY_OFF = 12       # 1 while we asked the driver not to kick
 Q_LOG_USED = 13         # GPA of the used ring for the dirty log (SET_VRING_ADDR log_guest_addr)
 Q_LOG_PAGES = 14        # page bits this queue set in the dirty log (counter)
 Q_LOG_DROPPED = 15      # pages written beyond the end of the log (counted, not logged)
-Q_LOG_N = 16            # pages waiting in the log cache
-Q_LOG_CACHE = 17        # the log cache: page numbers written since the last flush
-LOG_CACHE_LEN = 128     # a burst of 256 RX frames in 1.5 KiB buffers spans ~100 pages
-QSTATE_LEN = Q_LOG_CACHE + LOG_CACHE_LEN
+Q_LOG_N = 16            # entries waiting in the log cache
+Q_LOG_USED_LO = 17      # used-ring bytes [lo, hi) written since the last flush (offsets from
+Q_LOG_USED_HI = 18      # the ring's start; hi <= lo: none), logged at Q_LOG_USED
+Q_LOG_CACHE = 19        # the log cache: (64-page word of the log, page bits) pairs
+LOG_CACHE_ENTRIES = 64  # a burst of 256 RX frames in packed 1.5 KiB buffers spans ~2 words
+QSTATE_LEN = Q_LOG_CACHE + 2 * LOG_CACHE_ENTRIES
 
 F_EVENT_IDX = 1
 F_INDIRECT = 2
@@ -232,29 +234,48 @@ fail = kernel(_fail)
 
 # ------------------------------------------------------------------------- dirty log --
 
+# The cache holds what the device wrote since the last flush as (word, bits) pairs: `word` is
+# the index of a 64-bit word of the log (64 pages, 256 KiB of guest memory) and `bits` the pages
+# of it written, so the frames of a burst — packed buffers, mostly in one or two words — cost
+# an OR into the last entry each, and a flush sets each word's bits with one atomic OR.
+# Used-ring writes (a burst's elements are adjacent) are kept apart as one byte range, or
+# they would interleave with the buffers' words and defeat the merging.
+
 @inlined_kernel
 def log_write(mem, q, gpa, length):
     """The device wrote [gpa, gpa+length): remember its pages for the dirty log (nothing
     unless logging). Bits are set by log_flush, after a fence, never before the data."""
     if mem[KM_LOG].shape[0] == 0 or length <= 0:
         return
-    page = gpa >> PAGE_SHIFT
-    last = (gpa + length - 1) >> PAGE_SHIFT
-    while page <= last:
-        n = q[Q_LOG_N]
-        if n == 0 or q[Q_LOG_CACHE + n - 1] != page:
-            if n == LOG_CACHE_LEN:
-                log_flush(mem, q)
-                n = 0
-            q[Q_LOG_CACHE + n] = page
-            q[Q_LOG_N] = n + 1
-        page += 1
+    log_cache_range(mem, q, gpa, length)
 
 
 @inlined_kernel
-def log_flush(mem, q):
-    """Set the bits of the cached pages (before used->idx is published, and before any entry
-    point returns with pages cached)."""
+def log_cache_range(mem, q, gpa, length):
+    """Add the pages of [gpa, gpa+length) (length > 0) to the cache, a word at a time."""
+    page = gpa >> PAGE_SHIFT
+    last = (gpa + length - 1) >> PAGE_SHIFT
+    while page <= last:
+        word = page >> 6
+        top = min(last, page | 63)  # the last page of this range in this word
+        # Bits (page & 63) .. (top & 63); 2 << 63 is 0 in int64, so a whole word is -1.
+        bits = ((np.int64(2) << (top - page)) - 1) << (page & 63)
+        n = q[Q_LOG_N]
+        if n > 0 and q[Q_LOG_CACHE + 2 * n - 2] == word:
+            q[Q_LOG_CACHE + 2 * n - 1] |= bits
+        else:
+            if n == LOG_CACHE_ENTRIES:
+                log_set_bits(mem, q)
+                n = 0
+            q[Q_LOG_CACHE + 2 * n] = word
+            q[Q_LOG_CACHE + 2 * n + 1] = bits
+            q[Q_LOG_N] = n + 1
+        page = top + 1
+
+
+@inlined_kernel
+def log_set_bits(mem, q):
+    """Set the bits of the cached words in the log, and empty the cache."""
     n = q[Q_LOG_N]
     if n == 0:
         return
@@ -267,32 +288,59 @@ def log_flush(mem, q):
     # The data stores must be visible before we look at a bit: a bit seen set may be
     # cleared by the frontend right after, and its page copied without our data.
     fence_seq_cst()
-    # Pages come mostly in ascending runs (buffers packed in guest memory): the bits of one
-    # log byte are gathered and set with one atomic OR, only if some are not set yet.
-    byte = -1
-    mask = 0
     for k in range(n):
-        page = q[Q_LOG_CACHE + k]
-        if page >> 3 != byte:
-            if mask and (load_u8(base + byte) & mask) != mask:
-                atomic_or_u8(base + byte, mask)
-            byte = page >> 3
-            mask = 0
-            if byte >= size:
-                q[Q_LOG_DROPPED] += 1
-                byte = -1
+        word = q[Q_LOG_CACHE + 2 * k]
+        bits = q[Q_LOG_CACHE + 2 * k + 1]
+        at = word << 3  # byte offset of the word in the log
+        if base & 7 == 0 and at <= size - 8:
+            q[Q_LOG_PAGES] += popcount(bits)
+            # A bit already set needs no locked write (the frontend clears whole words).
+            if (np.int64(load_u64(base + at)) & bits) != bits:
+                atomic_or_u64(base + at, bits)
+            continue
+        for b in range(8):  # the log's tail, or a log not 8-byte aligned: byte by byte
+            mask = (bits >> (8 * b)) & 0xFF
+            if mask == 0:
                 continue
-        mask |= 1 << (page & 7)
-        q[Q_LOG_PAGES] += 1
-    if mask and (load_u8(base + byte) & mask) != mask:
-        atomic_or_u8(base + byte, mask)
+            if at + b >= size:
+                q[Q_LOG_DROPPED] += popcount(mask)
+                continue
+            q[Q_LOG_PAGES] += popcount(mask)
+            if (load_u8(base + at + b) & mask) != mask:
+                atomic_or_u8(base + at + b, mask)
+
+
+@inlined_kernel
+def log_flush(mem, q):
+    """Set the bits of every page written since the last flush (before used->idx is
+    published, and before any entry point returns with pages cached)."""
+    lo = q[Q_LOG_USED_LO]
+    hi = q[Q_LOG_USED_HI]
+    if hi > lo:
+        q[Q_LOG_USED_HI] = lo
+        if mem[KM_LOG].shape[0] != 0:
+            log_cache_range(mem, q, q[Q_LOG_USED] + lo, hi - lo)
+    log_set_bits(mem, q)
 
 
 @inlined_kernel
 def log_used(mem, q, offset, length):
-    """A used-ring write at `offset`, logged at the ring's log_guest_addr (VHOST_VRING_F_LOG)."""
-    if q[Q_FLAGS] & F_LOG_USED:
-        log_write(mem, q, q[Q_LOG_USED] + offset, length)
+    """A used-ring write at `offset`, logged at the ring's log_guest_addr (VHOST_VRING_F_LOG).
+    Writes that touch or overlap the pending range extend it; any other (the ring wrapped,
+    or used->idx after the elements) sends the range to the cache and starts a new one."""
+    if not (q[Q_FLAGS] & F_LOG_USED) or mem[KM_LOG].shape[0] == 0:
+        return
+    end = offset + length
+    lo = q[Q_LOG_USED_LO]
+    hi = q[Q_LOG_USED_HI]
+    if hi > lo and offset <= hi and end >= lo:
+        q[Q_LOG_USED_LO] = min(lo, offset)
+        q[Q_LOG_USED_HI] = max(hi, end)
+        return
+    if hi > lo:
+        log_cache_range(mem, q, q[Q_LOG_USED] + lo, hi - lo)
+    q[Q_LOG_USED_LO] = offset
+    q[Q_LOG_USED_HI] = end
 
 
 @kernel
