@@ -102,7 +102,8 @@ def test_summary_ratios_and_table(tmp_path):
     result = _fake_result(tmp_path)
     tx = result["summary"]["tx"]
     assert tx[V.PYVHOST_DIRECT]["64"] == {"median": 10.5, "min": 10.0, "max": 11.0, "n": 2,
-                                          "limited_by": {"backend": 2}}
+                                          "limited_by": {"backend": 2},
+                                          "per_cpu_median": 10.5}  # the whole core each
     assert result["ratios"]["direct/copy"]["1518"] == 2.0
     assert result["ratios"]["direct/dpdk"]["1518"] == 0.5
     assert result["ratios"]["direct/dpdk best"]["1518"] == 11.0 / 22.0  # the best runs
@@ -128,3 +129,50 @@ def test_quick_settings():
     s = V.settings_from(args)
     assert (s.repeat, s.hugepages) == (1, False)
     assert s.warmup + s.window <= 2.0
+
+
+def test_dirty_log_option_adds_each_pyvhost_contender_with_logging():
+    from pyvhost.bench.options import add_arguments
+
+    args = add_arguments(argparse.ArgumentParser()).parse_args(
+        ["--quick", "--no-huge", "--dirty-log", "--contenders", "pyvhost-direct,dpdk-vhost"])
+    s = V.settings_from(args)
+    assert s.contenders == [V.PYVHOST_DIRECT, V.DPDK_VHOST, V.PYVHOST_DIRECT_LOG]
+    samples = V.plan(s)
+    for direction in ("tx", "rx"):  # on and off alternate within each repetition and size
+        group = [x.contender for x in samples if x.direction == direction
+                 and x.packet_size == 64 and x.repetition == 0]
+        assert sorted(group) == sorted(s.contenders)
+    assert V._log_args(V.Sample("tx", V.PYVHOST_DIRECT_LOG, 64, 0)) == ["--bench-log-all"]
+    assert V._log_args(V.Sample("tx", V.PYVHOST_DIRECT, 64, 0)) == []
+
+
+def test_table_with_dirty_logging_on_and_off():
+    settings = _settings(repeat=2, contenders=[V.PYVHOST_DIRECT, V.PYVHOST_DIRECT_LOG,
+                                               V.DPDK_VHOST])
+    samples = V.plan(settings)
+    base = {V.PYVHOST_DIRECT: 10e6, V.PYVHOST_DIRECT_LOG: 9e6, V.DPDK_VHOST: 20e6}
+    for s in samples:
+        s.pps = base[s.contender]
+        s.window_s, s.generator_sent, s.refused, s.counts_match = 5.0, 10**9, 10**9, True
+        # logging's backends got less of the core: per CPU-second they lose less
+        s.backend_cpu_share = 0.95 if s.contender == V.PYVHOST_DIRECT_LOG else 1.0
+    summary = V.summarize(samples)
+    result = {"settings": dataclasses.asdict(settings),
+              "machine": V.machine_description(False), "summary": summary,
+              "ratios": V.ratios(summary, settings.sizes),
+              "rx_ratios": V.ratios(summary, settings.sizes, "rx"),
+              "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples]}
+    assert result["ratios"]["direct log on/off"]["64"] == 0.9
+    assert abs(result["rx_ratios"]["direct log on/off per cpu"]["1518"] - 0.9 / 0.95) < 1e-9
+    assert result["ratios"]["copy log on/off"]["64"] is None  # copy did not run
+    text = V.markdown(result)
+    for table in (text[:text.index("**RX**")], text[text.index("**RX**"):]):
+        assert "— dirty logging on † | 9.00 [9.00–9.00] | 9.00 [9.00–9.00] |" in table
+        assert "| dirty logging on / off (direct) | 0.90× | 0.90× |" in table
+        assert "| dirty logging on / off (direct), per backend CPU-second | 0.95× | 0.95× |" \
+            in table
+        assert "(copy)" not in table
+    assert "`--bench-log-all --metadata-access direct --source gen:SIZE`" in text
+    assert "† dirty logging on: `pyvhost net --bench-log-all`" in text
+    V.plot(result, Path("/dev/null"))  # the chart takes the new contenders too

@@ -346,3 +346,38 @@ def test_used_ring_writes_logged_per_burst_across_the_wrap(path):
         memory.close()
         ram.close()
         log.close()
+
+
+def test_bench_log_all_logs_without_the_frontend_asking(tmp_path):
+    """`--bench-log-all` (BackendOptions.bench_log_all): a frontend that negotiates neither
+    LOG_SHMFD nor LOG_ALL still gets every page written logged — into the backend's own log,
+    which its thread clears as QEMU would — with the used rings logged at their GPAs."""
+    from pyvhost.ring import kernels as K
+
+    features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    with DeviceSession(lambda: NetDevice(1, source="loopback"), tmp_path / "net.sock",
+                       features=features, options=BackendOptions(bench_log_all=True),
+                       ram_mib=RAM_MIB) as s:
+        rx, tx = _queue(s, 0, 256), _queue(s, 1, 256)
+        for vr, d in zip(s.backend.vrings, (rx, tx)):
+            assert vr.queue.q[K.Q_FLAGS] & K.F_LOG_USED
+            assert vr.queue.q[K.Q_LOG_USED] == d.used_ring  # the GPA (user addresses differ)
+        sent = 0
+        for _ in range(5):
+            for _ in range(16):
+                rx.add_chain([], [1526])
+                tx.add_chain([bytes(12) + os.urandom(60)], [])
+            rx.publish()
+            tx.publish()
+            s.fe.kick(0)
+            s.fe.kick(1)
+            sent += 16
+            _wait(lambda: s.device.stats()["rx_packets"] == sent, "frames not received")
+            rx.used()
+            tx.used()
+            time.sleep(0.03)  # a few passes of the clearing thread
+        stats = s.backend.stats()
+        assert stats["log_simulated"] == 1 and stats["log_enabled"] == 1
+        assert stats["log_pages"] > 0 and stats["log_dropped"] == 0
+        assert stats["log_sync_passes"] > 0
+        _wait(lambda: s.backend.self_log.pages_cleared > 0, "the clearing thread saw no bit")

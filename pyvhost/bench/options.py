@@ -10,6 +10,12 @@ PYVHOST_COPY = "pyvhost-copy"
 PYVHOST_DIRECT = "pyvhost-direct"
 DPDK_VHOST = "dpdk-vhost"
 TX_CONTENDERS = (PYVHOST_COPY, PYVHOST_DIRECT, DPDK_VHOST)
+# The same pyvhost backends dirty-logging every page they write (`--bench-log-all`: LOG_ALL as
+# during a live migration, which virtio-user cannot negotiate), for what logging costs.
+PYVHOST_COPY_LOG = "pyvhost-copy-log"
+PYVHOST_DIRECT_LOG = "pyvhost-direct-log"
+LOGGING_OF = {PYVHOST_COPY_LOG: PYVHOST_COPY, PYVHOST_DIRECT_LOG: PYVHOST_DIRECT}
+ALL_CONTENDERS = TX_CONTENDERS + tuple(LOGGING_OF)
 DEFAULT_OUT_DIR = "bench/results"  # ignored by git
 
 
@@ -28,7 +34,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--interval", type=float, default=None,
                         help="seconds between counter readings (default 1)")
     parser.add_argument("--contenders", default=",".join(TX_CONTENDERS),
-                        help=f"subset of {','.join(TX_CONTENDERS)}")
+                        help=f"subset of {','.join(ALL_CONTENDERS)}")
+    parser.add_argument("--dirty-log", action="store_true",
+                        help="also each pyvhost contender with dirty logging on, alternated "
+                             "with it (`pyvhost net --bench-log-all`: every page written is "
+                             "logged as during a live migration, into a private log cleared "
+                             "every 10 ms; virtio-user cannot turn LOG_ALL on itself)")
     parser.add_argument("--no-rx", action="store_true", help="skip the RX direction")
     parser.add_argument("--no-loopback", action="store_true",
                         help="skip the loopback runs (pyvhost --source loopback vs the vhost PMD "

@@ -50,8 +50,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pyvhost.bench.options import (DPDK_VHOST, PYVHOST_COPY, PYVHOST_DIRECT, TX_CONTENDERS,
-                                   add_arguments)
+from pyvhost.bench.options import (ALL_CONTENDERS, DPDK_VHOST, LOGGING_OF, PYVHOST_COPY,
+                                   PYVHOST_COPY_LOG, PYVHOST_DIRECT, PYVHOST_DIRECT_LOG,
+                                   TX_CONTENDERS, add_arguments)
 from pyvhost.testing import testbed as tb
 
 # -- contenders ---------------------------------------------------------------------------------
@@ -68,8 +69,15 @@ ROW_LABELS = {
     ("rx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --source gen:SIZE`",
     ("rx", DPDK_VHOST): "C peer: DPDK vhost PMD (`txonly`)",
 }
+for (_direction, _contender), _label in list(ROW_LABELS.items()):
+    for _logged, _plain in LOGGING_OF.items():
+        if _contender == _plain:
+            ROW_LABELS[(_direction, _logged)] = (
+                _label.split(": ", 1)[1].replace("`--metadata", "`--bench-log-all --metadata")
+                + " — dirty logging on †")
 SHORT_LABELS = {PYVHOST_COPY: "pyvhost copy", PYVHOST_DIRECT: "pyvhost direct",
-                DPDK_VHOST: "DPDK vhost PMD"}
+                DPDK_VHOST: "DPDK vhost PMD", PYVHOST_COPY_LOG: "copy + log",
+                PYVHOST_DIRECT_LOG: "direct + log"}
 LOOP_BURSTS = 64  # testpmd `start tx_first N`: bursts of 32 sent before forwarding
 
 RX_RING_SLACK = 256  # testpmd's default ring size (see measure_rx_dpdk)
@@ -121,6 +129,7 @@ class Sample:
     seconds: float | None = None
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
     error: str | None = None
+    log_pages: int | None = None        # pyvhost: dirty-log bits its rings set (whole run)
 
     @property
     def mpps(self) -> float | None:
@@ -414,9 +423,10 @@ class _Phases:
 
 
 def measure_tx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path, sample: Sample) -> None:
-    sock, stats = tmp / f"pyvhost-{mode}-{size}.sock", tmp / f"pyvhost-{mode}-{size}.json"
+    sock, stats = tmp / f"{sample.contender}-{size}.sock", tmp / f"{sample.contender}-{size}.json"
     phase = _Phases(sample)
-    with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval) as backend:
+    with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
+                        _log_args(sample)) as backend:
         phase.mark("backend_start")
         with _testpmd(settings, tb.virtio_user_vdev(sock), "txonly", settings.generator_cpu,
                       "bench-gen", [f"--txpkts={size}"]) as gen:
@@ -436,7 +446,7 @@ def measure_tx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path, samp
     sample.generator_sent, sample.refused = sent.tx_packets, sent.tx_dropped
     sample.backend_total = int(final.get("tx_packets", -1))
     sample.counts_match = sample.backend_total == sent.tx_packets
-    _check_pyvhost_run(final, mode, backend)
+    _check_pyvhost_run(final, mode, backend, sample)
     if sample.pps is None:
         raise tb.TestbedError(f"no pyvhost statistics line inside the window:\n{backend.tail()}")
 
@@ -470,10 +480,10 @@ def measure_rx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
                        sample: Sample) -> None:
     """pyvhost --source gen:SIZE generates into virtio-user (rxonly); the figure is what pyvhost
     delivered into the ring (its own rx rate)."""
-    sock, stats = tmp / f"rx-{mode}-{size}.sock", tmp / f"rx-{mode}-{size}.json"
+    sock, stats = tmp / f"rx-{sample.contender}-{size}.sock", tmp / f"rx-{sample.contender}-{size}.json"
     phase = _Phases(sample)
     with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
-                        ["--source", f"gen:{size}"]) as backend:
+                        ["--source", f"gen:{size}", *_log_args(sample)]) as backend:
         phase.mark("backend_start")
         with _testpmd(settings, tb.virtio_user_vdev(sock), "rxonly", settings.generator_cpu,
                       "bench-sink") as sink:
@@ -501,13 +511,26 @@ def _pyvhost_rx_figures(settings: Settings, sample: Sample, backend: PyvhostProc
     sample.generator_sent, sample.backend_total = int(final.get("rx_packets", -1)), received
     # Frames pyvhost put in the RX ring after virtio-user stopped reading stay unread.
     sample.counts_match = 0 <= sample.generator_sent - received <= RX_RING_SLACK
-    _check_pyvhost_run(final, mode, backend)
+    _check_pyvhost_run(final, mode, backend, sample)
     if sample.pps is None:
         raise tb.TestbedError(f"no pyvhost RX rate inside the window:\n{backend.tail()}")
 
 
-def _check_pyvhost_run(final: dict[str, Any], mode: str, backend: PyvhostProcess) -> None:
-    """No queue broke, and the rounds ran on the metadata path asked for."""
+def _log_args(sample: Sample) -> list[str]:
+    """The backend options of a contender with dirty logging on."""
+    return ["--bench-log-all"] if sample.contender in LOGGING_OF else []
+
+
+def _check_pyvhost_run(final: dict[str, Any], mode: str, backend: PyvhostProcess,
+                       sample: Sample) -> None:
+    """No queue broke, the rounds ran on the metadata path asked for, and the dirty log was
+    written exactly when asked for."""
+    sample.log_pages = int(final.get("log_pages", 0))
+    if sample.contender in LOGGING_OF:
+        if not (final.get("log_simulated") and sample.log_pages):
+            raise tb.TestbedError(f"pyvhost --bench-log-all logged nothing: {final}")
+    elif sample.log_pages:
+        raise tb.TestbedError(f"pyvhost logged pages without --bench-log-all: {final}")
     if final.get("queues_broken"):
         raise tb.TestbedError(f"pyvhost broke {final['queues_broken']} queue(s):\n{backend.tail()}")
     direct, copy = final.get("direct_rounds", 0), final.get("copy_rounds", 0)
@@ -557,10 +580,11 @@ def measure_loop_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
                          sample: Sample) -> None:
     """pyvhost --source loopback: what virtio-user transmits comes back on its RX ring.
     The figure: frames pyvhost delivered into the RX ring per second (its rx rate)."""
-    sock, stats = tmp / f"loop-{mode}-{size}.sock", tmp / f"loop-{mode}-{size}.json"
+    sock, stats = (tmp / f"loop-{sample.contender}-{size}.sock",
+                   tmp / f"loop-{sample.contender}-{size}.json")
     phase = _Phases(sample)
     with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
-                        ["--source", "loopback"]) as backend:
+                        ["--source", "loopback", *_log_args(sample)]) as backend:
         phase.mark("backend_start")
         with _testpmd(settings, tb.virtio_user_vdev(sock), "io", settings.generator_cpu,
                       "bench-loop", [f"--txpkts={size}"]) as gen:
@@ -605,7 +629,8 @@ def measure_loop_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) 
     sample.counts_match = 0 <= delivered - received <= RX_RING_SLACK
 
 
-_PYVHOST_MODES = {PYVHOST_COPY: "copy", PYVHOST_DIRECT: "direct"}  # --metadata-access
+_PYVHOST_MODES = {PYVHOST_COPY: "copy", PYVHOST_DIRECT: "direct",  # --metadata-access
+                  PYVHOST_COPY_LOG: "copy", PYVHOST_DIRECT_LOG: "direct"}
 _MEASURE_PYVHOST = {"tx": measure_tx_pyvhost, "rx": measure_rx_pyvhost,
                     "loop": measure_loop_pyvhost}
 _MEASURE_DPDK = {"tx": measure_tx_dpdk, "rx": measure_rx_dpdk, "loop": measure_loop_dpdk}
@@ -649,7 +674,7 @@ def plan(settings: Settings) -> list[Sample]:
     """Every sample in run order: contenders alternate inside a repetition, and their order
     rotates from one repetition to the next."""
     samples = []
-    tx = [c for c in TX_CONTENDERS if c in settings.contenders]
+    tx = [c for c in ALL_CONTENDERS if c in settings.contenders]
     for rep in range(settings.repeat):
         for size in settings.sizes:
             shift = rep % len(tx) if tx else 0
@@ -668,8 +693,10 @@ def plan(settings: Settings) -> list[Sample]:
 
 
 def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, dict[str, Any]]]:
-    """{direction: {contender: {size: {median, min, max, n, limited_by}}}} in Mpps, over the
-    samples that succeeded."""
+    """{direction: {contender: {size: {median, min, max, n, limited_by[, per_cpu_median]}}}} in
+    Mpps, over the samples that succeeded. per_cpu_median: the median of Mpps per second of CPU
+    time the backend got (pps / backend_cpu_share; when every sample has a share): a polling
+    backend uses all it gets, so this is its rate had it had a whole core."""
     cells: dict[tuple[str, str, str], list[Sample]] = {}
     for s in samples:
         if s.error is None and s.pps is not None:
@@ -680,9 +707,13 @@ def summarize(samples: Sequence[Sample]) -> dict[str, dict[str, dict[str, Any]]]
         limits: dict[str, int] = {}
         for s in group:
             limits[s.limited_by or "?"] = limits.get(s.limited_by or "?", 0) + 1
-        out.setdefault(direction, {}).setdefault(contender, {})[size] = {
+        cell = out.setdefault(direction, {}).setdefault(contender, {})[size] = {
             "median": statistics.median(values), "min": min(values), "max": max(values),
             "n": len(values), "limited_by": limits}
+        per_cpu = [s.pps / 1e6 / s.backend_cpu_share for s in group
+                   if s.pps is not None and s.backend_cpu_share]
+        if len(per_cpu) == len(group):
+            cell["per_cpu_median"] = statistics.median(per_cpu)
     return out
 
 
@@ -697,12 +728,21 @@ def ratios(summary: dict, sizes: Sequence[int], direction: str = "tx"
 
     def ratio(a: str, b: str, size: int, stat: str = "median") -> float | None:
         x, y = cells.get(a, {}).get(str(size)), cells.get(b, {}).get(str(size))
-        return x[stat] / y[stat] if x and y and y[stat] > 0 else None
+        return x[stat] / y[stat] if x and y and stat in x and y.get(stat, 0) > 0 else None
 
     return {"direct/copy": {str(s): ratio(PYVHOST_DIRECT, PYVHOST_COPY, s) for s in sizes},
             "direct/dpdk": {str(s): ratio(PYVHOST_DIRECT, DPDK_VHOST, s) for s in sizes},
             "direct/dpdk best": {str(s): ratio(PYVHOST_DIRECT, DPDK_VHOST, s, "max")
-                                 for s in sizes}}
+                                 for s in sizes},
+            "direct log on/off": {str(s): ratio(PYVHOST_DIRECT_LOG, PYVHOST_DIRECT, s)
+                                  for s in sizes},
+            "direct log on/off per cpu": {
+                str(s): ratio(PYVHOST_DIRECT_LOG, PYVHOST_DIRECT, s, "per_cpu_median")
+                for s in sizes},
+            "copy log on/off": {str(s): ratio(PYVHOST_COPY_LOG, PYVHOST_COPY, s) for s in sizes},
+            "copy log on/off per cpu": {
+                str(s): ratio(PYVHOST_COPY_LOG, PYVHOST_COPY, s, "per_cpu_median")
+                for s in sizes}}
 
 
 _MARKS = {"generator": "‡", "sink": "§"}
@@ -725,15 +765,22 @@ def _direction_rows(direction: str, sizes: Sequence[int], summary: dict, rat: di
                     contenders: Sequence[str]) -> list[str]:
     """One direction's table rows: a row per contender, then the two ratios."""
     rows = []
-    for contender in TX_CONTENDERS:
+    for contender in ALL_CONTENDERS:
         if contender in contenders:
             cells = summary.get(direction, {}).get(contender, {})
             rows.append(f"| {ROW_LABELS[(direction, contender)]} | "
                         + " | ".join(_cell(cells.get(str(n))) for n in sizes) + " |")
     for label, key in (("after / before (direct / copy)", "direct/copy"),
                        ("pyvhost direct / DPDK vhost PMD", "direct/dpdk"),
-                       ("pyvhost direct / DPDK vhost PMD, best runs", "direct/dpdk best")):
-        if key in rat:  # results written before best-run ratios have none
+                       ("pyvhost direct / DPDK vhost PMD, best runs", "direct/dpdk best"),
+                       ("dirty logging on / off (direct)", "direct log on/off"),
+                       ("dirty logging on / off (direct), per backend CPU-second",
+                        "direct log on/off per cpu"),
+                       ("dirty logging on / off (copy)", "copy log on/off"),
+                       ("dirty logging on / off (copy), per backend CPU-second",
+                        "copy log on/off per cpu")):
+        if key in rat and (key in ("direct/copy", "direct/dpdk")  # always shown
+                           or any(v is not None for v in rat[key].values())):
             rows.append(f"| {label} | " + " | ".join(_ratio_cell(rat[key][str(n)])
                                                        for n in sizes) + " |")
     return rows
@@ -779,6 +826,14 @@ def markdown(result: dict[str, Any]) -> str:
         lines += ["", "‡ generator-bound: the backend took at least "
                   f"{100 - 100 * GENERATOR_BOUND:g}% of what virtio-user offered, so this is a "
                   "lower bound of what the backend can take."]
+    if "†" in text:
+        lines += ["", "† dirty logging on: `pyvhost net --bench-log-all` logs every page it "
+                  "writes (frames, used-ring entries and indices) in a dirty log as during a "
+                  "live migration (LOG_ALL, used rings logged), and a thread clears the log "
+                  "every 10 ms as QEMU's dirty sync does, so the bits must be set again. "
+                  "DPDK virtio-user cannot negotiate LOG_ALL, so the backend turns it on "
+                  "itself; the kernels take exactly the migration's path. Alternated with "
+                  "the same backend without it."]
     if "§" in text:
         lines += ["", "§ sink-bound: the ring was often full, so virtio-user's RX set the pace, "
                   "not the backend."]
@@ -810,9 +865,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     if result["settings"].get("loopback"):
         panels += [("loop", n) for n in result["settings"]["loop_sizes"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
-    colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728"}
+    colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
+              PYVHOST_COPY_LOG: "#cfcfcf", PYVHOST_DIRECT_LOG: "#8fbbd9"}
     for ax, (direction, size) in zip(axes[0], panels):
-        contenders = [c for c in TX_CONTENDERS if c in result["settings"]["contenders"]]
+        contenders = [c for c in ALL_CONTENDERS if c in result["settings"]["contenders"]]
         names, heights, lows, highs = [], [], [], []
         for c in contenders:
             stats = result["summary"].get(direction, {}).get(c, {}).get(str(size))
@@ -850,9 +906,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         return value if value is not None else (fast if quick else full)
 
     contenders = [c for c in args.contenders.split(",") if c]
-    unknown = set(contenders) - set(TX_CONTENDERS)
+    unknown = set(contenders) - set(ALL_CONTENDERS)
     if unknown:
         raise SystemExit(f"unknown contenders: {', '.join(sorted(unknown))}")
+    if getattr(args, "dirty_log", False):
+        contenders += [logged for logged, plain in LOGGING_OF.items()
+                       if plain in contenders and logged not in contenders]
     hugepages = (not args.no_huge) and tb.hugepages_available(2 * args.memory_mib)
     interval = pick(args.interval, 1.0, 0.5)
     sizes = [int(n) for n in args.sizes.split(",") if n]

@@ -36,6 +36,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from pyvhost.daemon.eventfd import EventFd, NotAnEventFd
 from pyvhost.daemon.events import DeviceEvents
+from pyvhost.daemon.self_log import SelfLog
 from pyvhost.daemon.vring import Vring
 from pyvhost.daemon.worker import Worker, group_rings
 from pyvhost.device import ConfigError, Device, RequestRunner
@@ -136,6 +137,7 @@ class BackendOptions:
     max_burst: int = 256
     grace_timeout: float = 1.0
     drain_timeout: float = 30.0    # a stopping ring waits this long for deferred requests
+    bench_log_all: bool = False    # log as if LOG_ALL were on, into a log of our own (self_log)
 
 
 Outgoing = tuple[bytes, Sequence[OwnedFd | int]]
@@ -165,6 +167,7 @@ class Backend:
                 vr.runner = RequestRunner(device, vr.queue, self.memory.pin,
                                           self._worker_of[vr.index].wake)
         self.events = DeviceEvents(name, device)
+        self.self_log = SelfLog(self.memory) if options.bench_log_all else None
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -298,7 +301,7 @@ class Backend:
             log.warning("%s: SET_FEATURES passes transport features 0x%x that were not "
                         "offered; ignored", self.name, extra)
             value &= ~extra
-        log_all = bool(value >> VHOST_F_LOG_ALL & 1)
+        log_all = bool(value >> VHOST_F_LOG_ALL & 1) or self.self_log is not None
         if log_all != self.memory.log_all:
             # Never refused (QEMU aborts if it is): a LOG_ALL without a log yet (migration
             # failed after the VM stopped: QEMU restarts the rings first) logs nothing until
@@ -383,6 +386,7 @@ class Backend:
             raise RequestRefused(f"memory table not changed: {exc}") from exc
         log.info("%s: memory table: %d regions, %d MiB", self.name, len(specs),
                  sum(s.memory_size for s in specs) >> 20)
+        self._update_self_log()
 
     def _add_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemRegion)
@@ -393,6 +397,7 @@ class Backend:
             raise RequestRefused(f"region not added: {exc}") from exc
         log.info("%s: memory region added: GPA 0x%x, %d MiB (%d regions)", self.name,
                  spec.guest_phys_addr, spec.memory_size >> 20, len(self.memory.table))
+        self._update_self_log()
 
     def _rem_mem_reg(self, msg: Message) -> None:
         assert isinstance(msg.payload, SingleMemRegion)
@@ -403,6 +408,7 @@ class Backend:
             raise RequestRefused(str(exc)) from exc
         log.info("%s: memory region removed: GPA 0x%x (%d regions)", self.name,
                  spec.guest_phys_addr, len(self.memory.table))
+        self._update_self_log()
 
     # -- rings -----------------------------------------------------------------------------------
 
@@ -435,6 +441,22 @@ class Backend:
                 vr.queue.set_used_log(a.log if log_used else None)
             except ValueError as exc:
                 raise RequestRefused(str(exc)) from exc
+        self._update_self_log([vr])
+
+    def _update_self_log(self, vrings: Sequence[Vring] | None = None) -> None:
+        """--bench-log-all: a log covering the memory, and each used ring logged at its GPA
+        (as if SET_LOG_BASE and SET_VRING_ADDR with VHOST_VRING_F_LOG had come)."""
+        if self.self_log is None:
+            return
+        table = self.memory.table
+        if vrings is None:
+            self.self_log.update(table)
+        for vr in self.vrings if vrings is None else vrings:
+            gpa = self.self_log.used_ring_gpa(table, int(vr.queue.q[K.Q_USED]))
+            if vr.queue.addresses_set and gpa is not None and not (
+                    vr.queue.q[K.Q_FLAGS] & K.F_LOG_USED and vr.queue.q[K.Q_LOG_USED] == gpa):
+                with self._paused([vr]):
+                    vr.queue.set_used_log(gpa)
 
     def _check_mapped(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
         size = max(size, 1)  # before SET_VRING_NUM: at least the ring's first entry
@@ -842,6 +864,9 @@ class Backend:
         s["log_enabled"] = int(self.memory.table.logging)
         s["log_pages"] = sum(vr.queue.log_pages for vr in self.vrings)
         s["log_dropped"] = sum(int(vr.queue.q[K.Q_LOG_DROPPED]) for vr in self.vrings)
+        if self.self_log is not None:
+            s["log_simulated"] = 1
+            s["log_sync_passes"] = self.self_log.passes
         s["requests"] = self.requests
         s["requests_refused"] = self.refused
         return s
@@ -871,6 +896,8 @@ class Backend:
             vr.kick = vr.call = vr.err = None
             self.memory.remove_listener(vr.queue.on_memory_change)
         self.memory.close()
+        if self.self_log is not None:
+            self.self_log.close()
         if self.backend_req is not None:
             self.backend_req.close()
             self.backend_req = None

@@ -92,6 +92,17 @@ def atomic_or_u64(typingctx, addr, value):
 
 
 @intrinsic
+def atomic_xchg_u64(typingctx, addr, value):
+    """`old = *addr; *addr = value` as one atomic exchange (x86 `xchg`): how QEMU takes and
+    clears a 64-bit chunk of the dirty log while the device sets bits in it."""
+    def codegen(context, builder, signature, args):
+        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
+        val = context.cast(builder, args[1], signature.args[1], types.uint64)
+        return builder.atomic_rmw("xchg", ptr, val, "seq_cst")
+    return types.uint64(types.int64, value), codegen
+
+
+@intrinsic
 def popcount(typingctx, value):
     """Bits set in a 64-bit integer (LLVM `ctpop`; x86 `popcnt` where the CPU has it)."""
     def codegen(context, builder, signature, args):

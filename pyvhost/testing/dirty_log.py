@@ -10,21 +10,11 @@ import os
 import threading
 
 import numpy as np
-from llvmlite import ir
-from numba import types
 
-from pyvhost.ring.jit import intrinsic, kernel
+from pyvhost.ring.hostmem import atomic_xchg_u64
+from pyvhost.ring.jit import kernel
 
 PAGE = 4096
-
-
-@intrinsic
-def _xchg_u64(typingctx, addr, value):
-    def codegen(context, builder, signature, args):
-        ptr = builder.inttoptr(args[0], ir.IntType(64).as_pointer())
-        val = context.cast(builder, args[1], signature.args[1], types.uint64)
-        return builder.atomic_rmw("xchg", ptr, val, "seq_cst")
-    return types.uint64(types.int64, value), codegen
 
 
 @kernel
@@ -32,7 +22,7 @@ def _consume(base, chunks, seen):
     """xchg every nonzero chunk with 0; OR what it held into seen (one bool per page)."""
     found = 0
     for i in range(chunks):
-        v = _xchg_u64(base + 8 * i, np.uint64(0))
+        v = atomic_xchg_u64(base + 8 * i, np.uint64(0))
         if v != 0:
             for b in range(64):
                 if (v >> np.uint64(b)) & np.uint64(1):
