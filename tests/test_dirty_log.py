@@ -376,8 +376,8 @@ def test_bench_log_all_logs_without_the_frontend_asking(tmp_path):
             rx.used()
             tx.used()
             time.sleep(0.03)  # a few passes of the clearing thread
+        _wait(lambda: s.backend.self_log.pages_cleared > 0, "the clearing thread saw no bit")
         stats = s.backend.stats()
         assert stats["log_simulated"] == 1 and stats["log_enabled"] == 1
         assert stats["log_pages"] > 0 and stats["log_dropped"] == 0
         assert stats["log_sync_passes"] > 0
-        _wait(lambda: s.backend.self_log.pages_cleared > 0, "the clearing thread saw no bit")

@@ -68,6 +68,7 @@ class SelfLog:
         self._size = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        clear_words(0, self._spans)  # compiled now, not in the thread's first pass
 
     def update(self, table: RegionTable) -> None:
         """After a memory-map change: a log covering the whole table, logging on, and the
