@@ -20,6 +20,7 @@ from typing import Iterator
 
 import pytest
 
+from pyvhost.device import Device, Request
 from pyvhost.protocol import InflightDesc
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.ring.inflight import queue_region_size
@@ -27,6 +28,7 @@ from pyvhost.ring.layout import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.frontend import InflightShm, RequestFailed, VhostUserFrontend
 from pyvhost.testing.guest_ram import GuestRam
+from pyvhost.testing.session import DeviceSession
 
 SIZE = 32
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
@@ -256,3 +258,65 @@ def test_get_inflight_fd_area_and_bad_set_inflight_fd(bed) -> None:
     finally:
         run.close()
         run.shm.close()
+
+
+def test_get_vring_base_drains_in_flight_requests_first(bed) -> None:
+    """A ring stopped by GET_VRING_BASE answers after its deferred requests completed and
+    were published: the base is the used index, and the inflight area holds nothing in
+    flight, its used_idx that of the ring (a restart would resubmit nothing)."""
+    d, ram = bed
+    driver = MockSplitQueue(ram, SIZE)
+    run = Run(d, ram, driver, None, park=False)
+    try:
+        run.submit(*(f"later:{i}" for i in range(SIZE)))
+        _wait_handled(d, f"later:{SIZE - 1}")  # all taken, most still being completed
+        base = run.fe.get_vring_base(0)
+        assert base == SIZE == driver.used_idx()
+        area = run.shm.read()
+        assert not any(area[16 + 16 * i] for i in range(SIZE))
+        assert int.from_bytes(area[14:16], "little") == SIZE
+        assert sorted(h for h, _ in driver.used()) == list(range(SIZE))
+    finally:
+        run.close()
+        run.shm.close()
+
+
+class TrackedEcho(Device):
+    """Echoes the readable bytes; tracked."""
+
+    device_id = 4
+    tracks_inflight = True
+
+    def handle(self, queue: int, request: Request) -> int:
+        return request.write(request.read())
+
+
+def _inflight_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum("pyvhost-inflight" in line for line in f)
+
+
+def test_inflight_areas_are_unmapped_and_closed(tmp_path: Path) -> None:
+    """Each SET_INFLIGHT_FD replaces (and unmaps) the last area; a disconnect unmaps the
+    area and closes every fd of it; a device that does not track offers nothing."""
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with DeviceSession(TrackedEcho, tmp_path / "echo.sock", protocol=PROTOCOL) as s:
+        shm = s.fe.get_inflight_fd(1, 64)
+        assert shm is not None
+        try:
+            for _ in range(3):
+                s.fe.set_inflight_fd(shm)
+                assert _inflight_mappings() == 1
+            s.start_queue(0)
+            assert s.request(0, readable=[b"hello"], writable=[5]) == (5, b"hello")
+            assert s.backend.stats()["inflight_resubmitted"] == 0
+        finally:
+            shm.close()
+    assert _inflight_mappings() == 0
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+    class Untracked(TrackedEcho):
+        tracks_inflight = False
+
+    with DeviceSession(Untracked, tmp_path / "plain.sock", protocol=PROTOCOL) as s:
+        assert not s.negotiated.has(P.INFLIGHT_SHMFD)

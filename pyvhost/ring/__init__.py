@@ -6,7 +6,10 @@ Public for compiled-tier devices (`Device.process_burst`, docs/devices.md sectio
 `kernels` (pop_burst, pop_chain, rewind, add_used, publish_used, push_used_burst,
 needs_interrupt, rearm_past_avail, log_write), `split_queue` (SplitQueue), `direct_map`
 (RingViews, NO_VIEWS), `poll` (PollWindow), `errors` (RingError, RingErrorCode), `layout`,
-`jit` (kernel, inlined_kernel). Internal: `chains`, `hostmem`, `barriers`.
+`jit` (kernel, inlined_kernel), `inflight` (inflight I/O tracking: pop_burst_inflight,
+push_used_burst_inflight, inflight_mark, inflight_begin_batch/end_batch). Internal:
+`chains`, `hostmem`, `barriers`.
 """
 
-__all__ = ["direct_map", "errors", "jit", "kernels", "layout", "poll", "split_queue"]
+__all__ = ["direct_map", "errors", "inflight", "jit", "kernels", "layout", "poll",
+           "split_queue"]

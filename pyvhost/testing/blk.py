@@ -22,16 +22,21 @@ __all__ = ["guest_disk_by_serial", "guest_md5", "make_pattern_image", "md5_hex",
 
 
 def vhost_user_blk_args(socket_path: Path | str, index: int = 0, num_queues: int = 1,
-                        server: bool = False, **device_props: object) -> list[str]:
+                        server: bool = False, reconnect: int | None = None,
+                        **device_props: object) -> list[str]:
     """QEMU arguments for a virtio-blk disk (virtio ID 2) served over a vhost-user socket.
 
     `num_queues` is set explicitly: QEMU's default is one queue per vCPU, and realize fails
     if the backend offers fewer. QEMU 7.2 needs the backend (VHOST_USER_PROTOCOL_F_CONFIG)
     while it realizes the device, so start a listening backend first (`wait_listening`), or
     with `server=True` QEMU listens and waits for a `--client` backend. MSI-X works under
-    TCG for this device (vectors stay QEMU's default). `device_props` are added to -device
-    (e.g. queue_size=256, config_wce="off")."""
+    TCG for this device (vectors stay QEMU's default). `reconnect=N`: QEMU reconnects to a
+    backend that went away every N seconds (and resumes the rings on the new one; with the
+    inflight area it kept, the requests in flight are resubmitted). `device_props` are added
+    to -device (e.g. queue_size=256, config_wce="off")."""
     chardev = f"socket,id=blk{index},path={socket_path}" + (",server=on" if server else "")
+    if reconnect is not None:
+        chardev += f",reconnect={reconnect}"
     device = f"vhost-user-blk-pci,chardev=blk{index},num-queues={num_queues}"
     device += "".join(f",{k.replace('_', '-')}={v}" for k, v in device_props.items())
     return ["-chardev", chardev, "-device", device]
