@@ -63,7 +63,7 @@ def test_back_end_command_lines():
     files = B.Backings(B.Path("/c.img"), B.Path("/d.img"), 1 << 26)
     sock = B.Path("/s.sock")
     assert B.pyvhost_argv(settings, "null", None, 1 << 26, sock)[-3:] == [
-        "--null", str(1 << 26), "--poll"]
+        "--null", str(1 << 26), "--poll"]  # --pyvhost-args come last
     direct = B.pyvhost_argv(settings, "direct", files.direct, files.size, sock)
     assert "--direct" in direct and "/d.img" in direct
     qsd = " ".join(B.qsd_argv(settings, "direct", files.direct, files.size, sock))

@@ -5,8 +5,8 @@ compiled (numba, nogil) virtio-blk driver over vhost-user that keeps QD requests
 one queue (Linux-shaped requests: an indirect table of header, 4 KiB data, status), polling the
 used ring. The back-ends, each its own process pinned to one CPU (the front-end on another):
 
-- pyvhost: `pyvhost blk --queues 1 --file F [--direct] --poll` (`--null SIZE` for the null
-  device when this pyvhost has it; extra arguments with --pyvhost-args);
+- pyvhost: `pyvhost blk --queues 1 --file F [--direct]` (`--null SIZE` for the null device
+  when this pyvhost has it; extra arguments, e.g. `--poll`, with --pyvhost-args);
 - C peer: `qemu-storage-daemon --blockdev ... --object iothread,id=iot0 --export
   type=vhost-user-blk,...,writable=on,num-queues=1,iothread=iot0`;
 - ceiling: host `fio --ioengine=io_uring --bs=4k` on the same file (no vhost-user at all).

@@ -93,8 +93,9 @@ def add_blk_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
     parser.add_argument("--chains", choices=("indirect", "direct"), default="indirect",
                         help="requests as one indirect descriptor (as Linux) or 3 direct ones")
-    parser.add_argument("--pyvhost-args", default="--poll",
-                        help="extra `pyvhost blk` arguments (default: --poll)")
+    parser.add_argument("--pyvhost-args", default="",
+                        help="extra `pyvhost blk` arguments, one string (default: none, its "
+                             "defaults; write it with =: --pyvhost-args=\"--poll\")")
     parser.add_argument("--qsd-main-loop", action="store_true",
                         help="qemu-storage-daemon without an iothread")
     parser.add_argument("--backend-cpu", type=int, default=cpus[-1])
