@@ -103,6 +103,7 @@ class Sample:
     backend_cpu_s: float | None = None      # over the window, all threads
     cpu_s_per_mio: float | None = None      # backend CPU-seconds per million I/Os
     backend_cpu_share: float | None = None  # CPU time / window (1.0 = a whole core)
+    frontend_cpu_share: float | None = None  # the polling front-end's: < 1 = preempted
     kicks_per_io: float | None = None
     started: str = ""
     error: str | None = None
@@ -315,9 +316,9 @@ def measure_backend(settings: Settings, backing: str, contender: str, files: Bac
             try:
                 fe.start(OPS[sample.workload], sample.qd)
                 warm = fe.run(settings.warmup)
-                cpu0 = _cpu_seconds(backend.pid)
+                cpu0, own0 = _cpu_seconds(backend.pid), time.thread_time()
                 r = fe.run(settings.window)
-                cpu1 = _cpu_seconds(backend.pid)
+                cpu1, own1 = _cpu_seconds(backend.pid), time.thread_time()
             except Exception as exc:
                 sample.error = f"{type(exc).__name__}: {exc}\n{backend.tail()}"
                 if not backend.alive():
@@ -331,6 +332,7 @@ def measure_backend(settings: Settings, backing: str, contender: str, files: Bac
             sample.lat_mean_us = (round(r.latency_mean_ns / 1e3, 2)
                                   if r.latency_mean_ns is not None else None)
             sample.kicks_per_io = round(r.kicks / r.completed, 4) if r.completed else None
+            sample.frontend_cpu_share = round((own1 - own0) / r.seconds, 3)
             if cpu0 is not None and cpu1 is not None:
                 sample.backend_cpu_s = round(cpu1 - cpu0, 3)
                 sample.backend_cpu_share = round((cpu1 - cpu0) / r.seconds, 3)
@@ -537,13 +539,23 @@ def markdown(result: dict[str, Any]) -> str:
             if why:
                 lines += ["", f"{LABELS[contender]}: {why}."]
         lines.append("")
+    for who in ("frontend", "backend"):
+        shares = [x[f"{who}_cpu_share"] for x in result["samples"]
+                  if x.get(f"{who}_cpu_share") is not None and x["contender"] != FIO]
+        if shares:
+            what = ("its CPU (it polls: 1.00 unless other work ran on its core)"
+                    if who == "frontend" else "a CPU (all threads; it sleeps when idle)")
+            lines.append(f"CPU share of the {who.replace('end', '-end')} during the windows: "
+                         f"median {statistics.median(shares):.2f}, min {min(shares):.2f} of "
+                         f"{what}.")
+            lines.append("")
     errors = sum(x["errors"] or 0 for x in result["samples"])
     failed = [x for x in result["samples"]
               if x["error"] and not available(settings, x["backing"], x["contender"])]
     if errors:
-        lines.append(f"{errors} request(s) completed with a status other than OK.")
+        lines += [f"{errors} request(s) completed with a status other than OK.", ""]
     if failed:
-        lines.append(f"{len(failed)} sample(s) failed (see `error` in the JSON).")
+        lines += [f"{len(failed)} sample(s) failed (see `error` in the JSON).", ""]
     lines.append("Command lines: " + "; ".join(f"`{c}`" for c in result["command_lines"]))
     return "\n".join(lines) + "\n"
 
