@@ -176,7 +176,7 @@ class NetDevice(Device):
             mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
             return self.io.process_rx(queue, mem, views, mergeable, window)
         if self.io.gathers_tx:
-            return self.io.process_tx(queue, mem, views, self.counters[queue.index])
+            return self.io.process_tx(queue, mem, views, self.counters[queue.index], window)
         return self._drop(queue, mem, views, self.counters[queue.index], window)
 
     def runs_when_disabled(self, index: int) -> bool:

@@ -6,9 +6,12 @@
                 receives SIZE-byte UDP frames as fast as it posts buffers)
 
 Queue pair k (RX ring 2k, TX ring 2k+1) has:
-- a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX chains, copies header +
-  frame into slots and completes the chains; then the sink takes the slots: one write(2) per
-  frame to TAP fd k, one pcap write per burst, and/or a copy into RX backlog k (loopback);
+- TX to a TAP alone: `tap_kernels.tap_tx_poll` (compiled) pops bursts of TX chains and writes
+  each chain's buffers to TAP fd k with one writev(2) straight from guest memory;
+- TX to other sinks: a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX
+  chains, copies header + frame into slots and completes the chains; then the sink takes the
+  slots: one pcap write per burst, a copy into RX backlog k (loopback), and/or one write(2)
+  per frame to TAP fd k from compiled code (`ring_to_fd`);
 - an RX *backlog* frame ring (bounded, `rx_backlog` frames): frames wait there until the guest
   has buffers; a frame arriving at a full backlog is dropped and counted (rx_dropped).
 
@@ -16,9 +19,9 @@ The backlog is the only queue between a TX ring and the RX ring it loops back to
 served by different workers), so a TX burst larger than the free backlog overflows it even if
 the guest has buffers; the default (1024 frames) holds four full bursts.
 
-RX runs in the worker that serves RX ring 2k, in `process_rx`: deliver the backlog into the
-guest's buffers (`rx_deliver`, compiled), read the TAP (non-blocking) into the backlog,
-deliver again; only when the backlog is still full after that (the guest has no buffers) are
+RX runs in the worker that serves RX ring 2k, in `process_rx`; from a TAP, all of it compiled
+(`tap_kernels.tap_rx_poll`, no Python per frame): deliver the backlog into the guest's buffers
+(`rx_deliver`), read(2) the TAP (non-blocking) into the backlog, deliver again; only when the backlog is still full after that (the guest has no buffers) are
 further TAP frames read and dropped, at most a burst per call, so the TAP fd does not stay
 readable and wake the worker in a loop. No frame is lost or reordered while the guest has
 buffers. The worker's idle poll waits on `extra_wait_fds(2k)`: TAP fd k, or for loopback an
@@ -48,11 +51,14 @@ from typing import Any
 import numpy as np
 
 from pyvhost.devices.net import frame_kernels as RK
+from pyvhost.devices.net import tap_kernels as TK
+from pyvhost.devices.net import tx_drop as NK
 from pyvhost.devices.net.pcap import PcapWriter
 from pyvhost.devices.net.tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
-from pyvhost.ring.direct_map import RingViews
+from pyvhost.ring.direct_map import NO_VIEWS, RingViews
+from pyvhost.ring.jit import overload_entry
 from pyvhost.ring.poll import PollWindow, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue
 
@@ -160,67 +166,9 @@ class FrameRing:
         """Forget pending frames (consumer side: only the consumer, or with both stopped)."""
         self.ctl[RK.R_HEAD] = self.ctl[RK.R_TAIL]
 
-    def fill_from_fd(self, fd: int, limit: int) -> tuple[int, bool]:
-        """Producer: read up to `limit` frames (one read each) into free slots. Returns
-        (frames read, whether the fd may hold more: stopped by the limit or a full ring)."""
-        ctl, lens, views, mask = self.ctl, self.lens, self._views, self.capacity - 1
-        tail = int(ctl[RK.R_TAIL])
-        free = self.capacity - (tail - int(ctl[RK.R_HEAD]))
-        got = 0
-        for _ in range(min(limit, free)):
-            slot = tail & mask
-            try:
-                n = os.readv(fd, (views[slot],))
-            except BlockingIOError:
-                ctl[RK.R_TAIL] = tail
-                return got, False
-            except OSError as exc:  # e.g. the TAP was deleted under us: nothing to read
-                _log_once(f"read from fd {fd} failed: {exc}")
-                ctl[RK.R_TAIL] = tail
-                return got, False
-            if n <= RK.HDR or n >= self.slot:  # no frame, or maybe cut short: not delivered
-                ctl[RK.R_OVERSIZE_DROPS] += 1
-                continue
-            lens[slot] = n
-            tail += 1
-            got += 1
-        ctl[RK.R_TAIL] = tail  # a plain store after the slot stores: CPython keeps the order
-        return got, True
-
-    def write_to_fd(self, fd: int) -> tuple[int, int]:
-        """Consumer: write each pending frame with one write(2), empty the ring. Returns
-        (frames written, frames that failed)."""
-        ctl, lens, views, mask = self.ctl, self.lens, self._views, self.capacity - 1
-        head, tail = int(ctl[RK.R_HEAD]), int(ctl[RK.R_TAIL])
-        ok = failed = 0
-        while head != tail:
-            slot = head & mask
-            try:
-                os.write(fd, views[slot][:lens[slot]])
-                ok += 1
-            except OSError as exc:
-                failed += 1
-                if failed == 1:
-                    _log_once(f"write to fd {fd} failed: {exc}")
-            head += 1
-        ctl[RK.R_HEAD] = head
-        return ok, failed
-
 
 # Frames a TAP may hold when a receive ring starts (its queue is 1000 frames by default).
 STALE_DRAIN_LIMIT = 4096
-
-
-def drain_fd(fd: int, scratch: bytearray, limit: int) -> int:
-    """Read and discard up to `limit` frames; returns how many."""
-    n = 0
-    for _ in range(limit):
-        try:
-            os.readv(fd, (scratch,))
-        except OSError:  # BlockingIOError: drained; anything else: fill_from_fd logs it
-            break
-        n += 1
-    return n
 
 
 _logged: set[str] = set()
@@ -294,8 +242,10 @@ class _Segments:
         self.seg_addr = np.zeros(segs, dtype=np.int64)
         self.seg_len = np.zeros(segs, dtype=np.int64)
         self.seg_flags = np.zeros(segs, dtype=np.int64)
-        self.chain_heads = np.zeros(queue_size, dtype=np.int64)
-        self.chain_ends = np.zeros(queue_size, dtype=np.int64)
+        self.chain_heads = np.zeros(max(queue_size, self.max_burst), dtype=np.int64)
+        self.chain_ends = np.zeros(max(queue_size, self.max_burst), dtype=np.int64)
+        self.iov = np.zeros(2 * TK.IOV_MAX, dtype=np.int64)   # struct iovec[IOV_MAX]
+        self.frame = np.zeros(NK.HEADER_BYTES, dtype=np.uint8)  # headers to classify
 
 
 class NetIo:
@@ -328,8 +278,10 @@ class NetIo:
         self.generator = self.source is not None and self.source.kind == "gen"
         # TX: the drop sink without loopback keeps device.py's own kernel.
         self.gathers_tx = self.sink.kind != "drop" or self.loopback
+        # Frames are gathered into a scratch ring for a pcap file or loopback; a TAP alone
+        # takes them straight from guest memory (tap_kernels.tap_tx_poll).
         self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
-            if self.gathers_tx else []
+            if self.pcap is not None or self.loopback else []
         self.tx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
         self.tx_extra = np.zeros((queue_pairs, RK.TX_EXTRA_LEN), dtype=np.int64)
         self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
@@ -350,8 +302,12 @@ class NetIo:
         self.rx_counters = np.zeros((queue_pairs, RK.RX_COUNTERS_LEN), dtype=np.int64)
         self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
             if self.loopback else []
-        self._drain_buf = bytearray(RK.HDR + 65536)
+        self._drain_buf = np.zeros(RK.HDR + 65536, dtype=np.uint8)
         self.rx_stale = 0
+        # Compiled entry points by (kernel, views kind), as NetDevice._drop keeps its own.
+        self._entries: dict[tuple[str, bool], Any] = {}
+        self._one_pass = one_pass_window()
+        self._errors_seen = [0, 0]  # TX write errors, RX read errors already logged
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -363,8 +319,8 @@ class NetIo:
                 # Frames the host sent into the TAP while no guest ring was there (before the
                 # VM started, or while it migrated here) are stale: drop them, as DPDK's TAP
                 # PMD does, rather than hand a guest seconds-old ARPs and MLD reports.
-                self.rx_stale += drain_fd(self.rx_tap.fds[pair], self._drain_buf,
-                                          STALE_DRAIN_LIMIT)
+                self.rx_stale += int(TK.drain_fd(self.rx_tap.fds[pair], self._drain_buf,
+                                                 STALE_DRAIN_LIMIT))
 
     def extra_wait_fds(self, index: int) -> tuple[int, ...]:
         if index % 2 or index // 2 >= self.queue_pairs:
@@ -380,13 +336,34 @@ class NetIo:
         for ring in self.rx_ring + self.tx_ring:
             ring.clear()
 
+    def _call(self, name: str, dispatcher: Any, views: RingViews, args: tuple) -> Any:
+        """dispatcher(*args) through its compiled entry point once known (skips numba's
+        typing of every argument on every call; see ring/jit.overload_entry)."""
+        key = (name, views is NO_VIEWS)
+        entry = self._entries.get(key)
+        if entry is None:
+            result = dispatcher(*args)
+            self._entries[key] = overload_entry(dispatcher, args) or dispatcher
+            return result
+        return entry(*args)
+
     def process_tx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
-                   counters: np.ndarray) -> tuple[int, bool]:
+                   counters: np.ndarray, window: PollWindow | None = None) -> tuple[int, bool]:
         pair = queue.index // 2
-        ring, s = self.tx_ring[pair], self.tx_segs[pair]
+        s, extra = self.tx_segs[pair], self.tx_extra[pair]
+        if not self.tx_ring:  # a TAP is the only sink: straight from guest memory
+            assert self.tap is not None
+            w = window or self._one_pass
+            done, notify = self._call("tap_tx", TK.tap_tx_poll, views, (
+                mem, queue.q, views, self.tap.fds[pair], min(self.max_burst, TK.TAP_TX_BURST),
+                w.cycles, w.idle_cycles, w.leave, s.chain_heads, s.chain_ends, s.seg_addr,
+                s.seg_len, s.seg_flags, s.iov, s.frame, counters, extra))
+            self._check_tx_errors(pair)
+            return max(int(done), 0), bool(notify)
+        ring = self.tx_ring[pair]
         done, notify = RK.tx_gather(mem, queue.q, views, self.max_burst, s.seg_addr,
                                     s.seg_len, s.seg_flags, ring.data, ring.lens, ring.ctl,
-                                    counters, self.tx_extra[pair])
+                                    counters, extra)
         if done <= 0:
             return 0, False
         if ring.pending:
@@ -397,17 +374,32 @@ class NetIo:
             if self.pcap is not None:
                 self.pcap.write_ring(ring.data, ring.lens, ring.ctl, self.pcap_out)
             if self.tap is not None:
-                _, failed = ring.write_to_fd(self.tap.fds[pair])
-                self.tx_extra[pair, RK.TX_WRITE_ERRORS] += failed
+                TK.ring_to_fd(self.tap.fds[pair], ring.data, ring.lens, ring.ctl, extra)
+                self._check_tx_errors(pair)
             ring.clear()
         return int(done), bool(notify)
+
+    def _check_tx_errors(self, pair: int) -> None:
+        failed = int(self.tx_extra[:, RK.TX_WRITE_ERRORS].sum())
+        if failed != self._errors_seen[0]:
+            self._errors_seen[0] = failed
+            err = int(self.tx_extra[pair, RK.TX_LAST_ERRNO])
+            _log_once(f"write to TAP {self.sink.arg} failed: {os.strerror(err)} (errno {err}); "
+                      "such frames are dropped and counted (tx_dropped)")
+
+    def _check_rx_errors(self, ring: FrameRing) -> None:
+        failed = int(ring.ctl[RK.R_READ_ERRORS])
+        if failed > self._errors_seen[1]:
+            self._errors_seen[1] = failed
+            err = int(ring.ctl[RK.R_LAST_ERRNO])
+            _log_once(f"read from TAP {self.source.arg} failed: "  # type: ignore[union-attr]
+                      f"{os.strerror(err)} (errno {err})")
 
     def process_rx(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
                    mergeable: bool, window: PollWindow) -> tuple[int, bool]:
         if self.source is None:
             return 0, False
         pair = queue.index // 2
-        ring = self.rx_ring[pair]
         if self.loopback:
             try:
                 os.eventfd_read(self._wake[pair])
@@ -415,22 +407,17 @@ class NetIo:
                 pass
         if self.generator:
             return self._generate(queue, mem, views, mergeable, pair, window)
-        buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
-        if buffers < 0:
-            return 0, False
         if self.rx_tap is not None:
-            fd = self.rx_tap.fds[pair]
-            read, more = ring.fill_from_fd(fd, self.max_burst)
-            if read:
-                more_buffers, more_notify = self._deliver(queue, mem, views, mergeable, pair)
-                if more_buffers < 0:
-                    return 0, False
-                buffers += more_buffers
-                notify |= more_notify
-            if more and ring.full:
-                # The guest has no buffers and the backlog is full: drop at the source.
-                ring.ctl[RK.R_FULL_DROPS] += drain_fd(fd, self._drain_buf, self.max_burst)
-        return buffers, notify
+            ring, s = self.rx_ring[pair], self.rx_segs[pair]
+            buffers, notify = self._call("tap_rx", TK.tap_rx_poll, views, (
+                mem, queue.q, views, self.rx_tap.fds[pair], mergeable, self.max_burst,
+                window.cycles, window.idle_cycles, window.leave, s.seg_addr, s.seg_len,
+                s.seg_flags, s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl,
+                self._drain_buf, self.rx_counters[pair]))
+            self._check_rx_errors(ring)
+            return max(int(buffers), 0), bool(notify)
+        buffers, notify = self._deliver(queue, mem, views, mergeable, pair)
+        return max(buffers, 0), notify
 
     def _generate(self, queue: SplitQueue, mem: KernelMemory, views: RingViews,
                   mergeable: bool, pair: int, window: PollWindow) -> tuple[int, bool]:
@@ -468,6 +455,8 @@ class NetIo:
             "rx_stale_dropped": self.rx_stale,
             "tx_dropped": int(self.tx_extra[:, [RK.TX_OVERSIZE, RK.TX_SHORT,
                                                 RK.TX_WRITE_ERRORS]].sum()),
+            "tx_write_errors": int(self.tx_extra[:, RK.TX_WRITE_ERRORS].sum()),
+            "rx_read_errors": sum(int(r.ctl[RK.R_READ_ERRORS]) for r in self.rx_ring),
         }
 
     def close(self) -> None:
@@ -503,6 +492,15 @@ def warm_up() -> None:
     q.set_size(1)
     RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.seg_addr, s.seg_len, s.seg_flags, ring.data,
                  ring.lens, ring.ctl, counters, extra)
+    # The TAP kernels, as NetIo calls them (fd -1: any call fails at once, EBADF).
+    TK.tap_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave, s.chain_heads,
+                   s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.iov, s.frame, counters,
+                   extra)
+    TK.tap_rx_poll(mem, q.q, NO_VIEWS, -1, True, 1, w.cycles, w.idle_cycles, w.leave,
+                   s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends, other.data,
+                   other.lens, other.ctl, np.zeros(64, dtype=np.uint8), counters)
+    TK.ring_to_fd(-1, other.data, other.lens, other.ctl, extra)
+    TK.drain_fd(-1, np.zeros(64, dtype=np.uint8), 1)
     # What a worker calls around every ring's bursts, and the drop kernel a started but not yet
     # enabled TX ring runs (Device.discard_burst).
     K.enable_notification(mem, q.q, NO_VIEWS)

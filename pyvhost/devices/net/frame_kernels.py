@@ -58,6 +58,8 @@ R_HEAD = 0              # frames consumed (consumer writes)
 R_TAIL = 1              # frames produced (producer writes)
 R_FULL_DROPS = 2        # frames the producer dropped: ring full (producer writes)
 R_OVERSIZE_DROPS = 3    # frames the producer dropped: larger than a slot (producer writes)
+R_READ_ERRORS = 4       # reads from an fd that failed other than EAGAIN (producer writes)
+R_LAST_ERRNO = 5        # the errno of the last of them
 RING_CTL_LEN = 8
 
 # RX counters (one row per RX queue; written by the RX worker only).
@@ -74,6 +76,7 @@ RX_COUNTERS_LEN = 8
 TX_OVERSIZE = 0         # frames larger than a slot: completed, not forwarded
 TX_SHORT = 1            # chains without a whole virtio-net header: completed, not forwarded
 TX_WRITE_ERRORS = 2     # frames a sink failed to write (e.g. TAP write error)
+TX_LAST_ERRNO = 3       # the errno of the last of them
 TX_EXTRA_LEN = 4
 
 PCAP_RECORD_HDR = 16

@@ -1,0 +1,82 @@
+"""read(2), readv(2), writev(2) and errno, called from compiled kernels.
+
+Why: a data path that moves frames between guest memory and a file descriptor (a TAP) must
+not come back to Python for each frame: a CPython `os.write` costs a microsecond or more on
+top of the system call. These intrinsics emit direct calls to the C library's functions by
+name; the JIT linker resolves them in the running process (libc is always loaded), also when
+a kernel comes from numba's cache, since the object code names the symbol, not its address.
+The calls release nothing and take nothing: kernels run without the GIL already.
+
+Every call returns the C function's result as int64 (-1 on error, then `errno_value()` says
+why). The caller passes host addresses it bounds itself (guest buffers translated and checked
+through the region table, or numpy arrays it owns).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+
+from pyvhost.ring.jit import intrinsic
+
+EAGAIN = 11
+EINTR = 4
+
+_I8P = ir.IntType(8).as_pointer()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+
+
+def _libc(builder: ir.IRBuilder, name: str, ret: ir.Type, params: list[ir.Type]) -> ir.Function:
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
+
+
+@intrinsic
+def sys_writev(typingctx, fd, iov, count):
+    """writev(fd, iov, count): iov is the host address of `count` struct iovec (two int64
+    each: base address, length). Returns bytes written or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "writev", _I64, [_I32, _I8P, _I32])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 builder.trunc(args[2], _I32)])
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_readv(typingctx, fd, iov, count):
+    """readv(fd, iov, count), iov as for sys_writev. Returns bytes read or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "readv", _I64, [_I32, _I8P, _I32])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 builder.trunc(args[2], _I32)])
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_read(typingctx, fd, buf, count):
+    """read(fd, buf, count) into host address `buf`. Returns bytes read or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "read", _I64, [_I32, _I8P, _I64])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 args[2]])
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_write(typingctx, fd, buf, count):
+    """write(fd, buf, count) from host address `buf`. Returns bytes written or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "write", _I64, [_I32, _I8P, _I64])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 args[2]])
+    return types.int64(types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def errno_value(typingctx):
+    """This thread's errno (glibc's __errno_location), as int64."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "__errno_location", _I32.as_pointer(), [])
+        return builder.sext(builder.load(builder.call(fn, [])), _I64)
+    return types.int64(), codegen
