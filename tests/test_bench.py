@@ -30,7 +30,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "pyvhost", "bench", "--quick", "--no-huge", "--out-dir", str(out)],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=600)
     return proc, out
 
 
@@ -53,6 +53,9 @@ def test_json_holds_every_sample_and_the_machine(quick_run):
     if result["settings"]["loopback"]:  # pyvhost has --source loopback: one size in --quick
         assert result["settings"]["loop_sizes"] == [SIZES[0]]
         expected |= {("loop", c, SIZES[0]) for c in TX}
+    if result["settings"]["tap"]:  # the TAP rows: one size in --quick
+        assert result["settings"]["tap_sizes"] == [SIZES[0]]
+        expected |= {(d, c, SIZES[0]) for d in ("tap-tx", "tap-rx") for c in TX}
     assert {(s["direction"], s["contender"], s["packet_size"]) for s in samples} == expected
     assert len(samples) == len(expected)
     for s in samples:
@@ -60,7 +63,8 @@ def test_json_holds_every_sample_and_the_machine(quick_run):
         assert s["pps"] > 0 and s["mpps"] == pytest.approx(s["pps"] / 1e6)
         assert s["intervals"] and all(i["pps"] >= 0 and i["dt"] > 0 for i in s["intervals"])
         assert s["counts_match"] is True, s
-        if s["direction"] == "tx" or (s["direction"], s["contender"]) == ("rx", "dpdk-vhost"):
+        if s["direction"] in ("tx", "tap-tx", "tap-rx") or (
+                (s["direction"], s["contender"]) == ("rx", "dpdk-vhost")):
             assert s["limited_by"] in ("backend", "generator", "sink")
         else:  # loopback, pyvhost's generator: nothing counts what could not be sent
             assert s["limited_by"] is None
@@ -70,7 +74,7 @@ def test_json_holds_every_sample_and_the_machine(quick_run):
     for s in samples:
         if s["contender"].startswith("pyvhost"):
             assert s["rounds_per_s"] > 0
-            if s["direction"] == "tx":  # exact: drained before closing
+            if s["direction"] in ("tx", "tap-tx"):  # exact: drained before closing
                 assert s["backend_total"] == s["generator_sent"]
     for direction, key in (("tx", "ratios"), ("rx", "rx_ratios")):
         assert set(result["summary"][direction]) == set(TX)
@@ -106,6 +110,13 @@ def test_markdown_table_has_the_seed_shape(quick_run):
         assert "| backend | 64 B |" in loop
         for prefix in ("| before: pyvhost", "| after: pyvhost", "| C peer: DPDK vhost PMD (`io`)"):
             assert prefix in loop
+    if result["settings"]["tap"]:
+        for title, option in (("**TAP TX**", "--sink tap:NAME"), ("**TAP RX**", "--source tap:NAME")):
+            table = text[text.index(title):]
+            assert "| backend | 64 B |" in table
+            for prefix in (f"| after: pyvhost `--metadata-access direct {option}`",
+                           "| C peer: DPDK vhost PMD + TAP PMD (`io`)", "| pyvhost direct / DPDK"):
+                assert prefix in table
 
 
 def _cell_numbers(cell: str) -> tuple[float, float, float]:

@@ -44,6 +44,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--no-loopback", action="store_true",
                         help="skip the loopback runs (pyvhost --source loopback vs the vhost PMD "
                              "in io mode; only when pyvhost has that source)")
+    parser.add_argument("--no-tap", action="store_true",
+                        help="skip the TAP runs (TAP TX and TAP RX against DPDK's vhost PMD + "
+                             "TAP PMD, the TAP in a network namespace)")
+    parser.add_argument("--only", default=None,
+                        help="run only these directions (comma-separated of tx, rx, loop, "
+                             "tap-tx, tap-rx)")
     parser.add_argument("--no-huge", action="store_true",
                         help="testpmd without hugepages (default: hugepages when available)")
     parser.add_argument("--memory-mib", type=int, default=256, help="testpmd -m (per instance)")

@@ -68,6 +68,12 @@ ROW_LABELS = {
     ("rx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --source gen:SIZE`",
     ("rx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --source gen:SIZE`",
     ("rx", DPDK_VHOST): "C peer: DPDK vhost PMD (`txonly`)",
+    ("tap-tx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --sink tap:NAME`",
+    ("tap-tx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --sink tap:NAME`",
+    ("tap-tx", DPDK_VHOST): "C peer: DPDK vhost PMD + TAP PMD (`io`)",
+    ("tap-rx", PYVHOST_COPY): "before: pyvhost `--metadata-access copy --source tap:NAME`",
+    ("tap-rx", PYVHOST_DIRECT): "after: pyvhost `--metadata-access direct --source tap:NAME`",
+    ("tap-rx", DPDK_VHOST): "C peer: DPDK vhost PMD + TAP PMD (`io`)",
 }
 for (_direction, _contender), _label in list(ROW_LABELS.items()):
     for _logged, _plain in LOGGING_OF.items():
@@ -100,6 +106,9 @@ class Settings:
     loopback: bool = False  # pyvhost has --source loopback and it was not switched off
     loop_sizes: list[int] = dataclasses.field(default_factory=list)
     drain: float = 0.5
+    tap: bool = False  # the TAP rows (bench/tap.py)
+    tap_sizes: list[int] = dataclasses.field(default_factory=list)
+    only: list[str] = dataclasses.field(default_factory=list)  # directions to run ([]: all)
 
 
 @dataclasses.dataclass
@@ -252,10 +261,13 @@ class PyvhostProcess:
     """`pyvhost net --poll` pinned to one CPU; its statistics lines timestamped as they come."""
 
     def __init__(self, socket_path: Path, stats_json: Path, metadata_access: str, cpu: int,
-                 interval: float, extra_args: Sequence[str] = ()) -> None:
+                 interval: float, extra_args: Sequence[str] = (),
+                 netns: str | None = None) -> None:
         self.socket_path = socket_path
         self.stats_json = stats_json
-        self.argv = ["taskset", "-c", str(cpu), sys.executable, "-m", "pyvhost", "net",
+        # In a network namespace (`ip netns exec` execs: the pid stays pyvhost's).
+        prefix = ["ip", "netns", "exec", netns] if netns else []
+        self.argv = [*prefix, "taskset", "-c", str(cpu), sys.executable, "-m", "pyvhost", "net",
                      "--socket-path", str(socket_path), "--poll",
                      "--metadata-access", metadata_access, "--stats-json", str(stats_json),
                      "--stats-interval", str(interval), "--stats-format", "json",
@@ -272,9 +284,12 @@ class PyvhostProcess:
         self._reader = threading.Thread(target=self._read, name="pyvhost-stats", daemon=True)
         self._reader.start()
         try:
-            tb.wait_for_socket(self.socket_path, timeout=120)
-            if self._proc.poll() is not None:
-                raise tb.TestbedError(f"pyvhost exited {self._proc.returncode}:\n{self.tail()}")
+            deadline = time.monotonic() + 120
+            while not self.socket_path.exists():
+                if self._proc.poll() is not None or time.monotonic() > deadline:
+                    raise tb.TestbedError(
+                        f"pyvhost did not listen (exit code {self._proc.poll()}):\n{self.tail()}")
+                time.sleep(0.05)
         except BaseException:
             self.close()
             raise
@@ -355,11 +370,13 @@ def _lcores(cpu: int) -> str:
     return tb.testpmd_lcores(cpu, [cpu])  # main lcore (sleeps) and forwarding lcore on one CPU
 
 
-def _testpmd(settings: Settings, vdev: str, mode: str, cpu: int, name: str,
-             app_args: Sequence[str] = (), interactive: bool = True) -> tb.Testpmd:
-    return tb.Testpmd([vdev], forward_mode=mode, app_args=list(app_args), lcores=_lcores(cpu),
+def _testpmd(settings: Settings, vdev: str | Sequence[str], mode: str, cpu: int, name: str,
+             app_args: Sequence[str] = (), interactive: bool = True,
+             netns: str | None = None) -> tb.Testpmd:
+    vdevs = [vdev] if isinstance(vdev, str) else list(vdev)
+    return tb.Testpmd(vdevs, forward_mode=mode, app_args=list(app_args), lcores=_lcores(cpu),
                       memory_mib=settings.memory_mib, hugepages=settings.hugepages,
-                      interactive=interactive, name=name)
+                      interactive=interactive, name=name, netns=netns)
 
 
 def _sleep_until(deadline: float) -> None:
@@ -641,7 +658,11 @@ def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
     sample.started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     try:
         mode = _PYVHOST_MODES.get(sample.contender)
-        if mode is not None and sample.direction in _MEASURE_PYVHOST:
+        if sample.direction in ("tap-tx", "tap-rx"):
+            from pyvhost.bench import tap
+            measure = tap.measure_tap_tx if sample.direction == "tap-tx" else tap.measure_tap_rx
+            measure(settings, sample.packet_size, sample.contender, tmp, sample)
+        elif mode is not None and sample.direction in _MEASURE_PYVHOST:
             _MEASURE_PYVHOST[sample.direction](settings, sample.packet_size, mode, tmp, sample)
         elif sample.contender == DPDK_VHOST and sample.direction in _MEASURE_DPDK:
             _MEASURE_DPDK[sample.direction](settings, sample.packet_size, tmp, sample)
@@ -665,7 +686,9 @@ def _limited_by(sample: Sample) -> str | None:
         return None  # a closed loop: a fixed population of frames, paced by the round trip
     offered = sample.generator_sent + sample.refused
     sender_bound = offered == 0 or sample.refused / offered <= GENERATOR_BOUND
-    if sample.direction == "tx":
+    if sample.direction in ("tx", "tap-tx"):
+        return "generator" if sender_bound else "backend"
+    if sample.direction == "tap-rx":  # refused: what the TAP dropped, the backend not reading
         return "generator" if sender_bound else "backend"
     return "backend" if sender_bound else "sink"
 
@@ -686,6 +709,11 @@ def plan(settings: Settings) -> list[Sample]:
             if settings.loopback and (size in settings.loop_sizes):
                 for contender in tx[shift:] + tx[:shift]:
                     samples.append(Sample("loop", contender, size, rep))
+            for direction in ("tap-tx", "tap-rx") if size in settings.tap_sizes else ():
+                for contender in tx[shift:] + tx[:shift]:
+                    samples.append(Sample(direction, contender, size, rep))
+    if settings.only:
+        samples = [s for s in samples if s.direction in settings.only]
     return samples
 
 
@@ -821,6 +849,19 @@ def markdown(result: dict[str, Any]) -> str:
         lines += _direction_rows("loop", loop_sizes, summary,
                                  result.get("loop_ratios") or ratios(summary, loop_sizes, "loop"),
                                  s["contenders"])
+    for direction, title in (
+            ("tap-tx", "**TAP TX** (testpmd virtio-user `txonly` → backend → TAP in a network "
+                       "namespace): Mpps the TAP counted, median [min–max]"),
+            ("tap-rx", "**TAP RX** (testpmd AF_PACKET `txonly` on the TAP in its namespace → "
+                       "backend → testpmd virtio-user `rxonly`): Mpps the backend delivered "
+                       "into the ring, median [min–max]")):
+        if s.get("tap"):
+            tsizes = s["tap_sizes"]
+            lines += ["", title, "", "| backend | " + " | ".join(f"{n} B" for n in tsizes) + " |",
+                      "|---|" + "---:|" * len(tsizes)]
+            lines += _direction_rows(direction, tsizes, summary,
+                                     result.get(f"{direction}_ratios")
+                                     or ratios(summary, tsizes, direction), s["contenders"])
     text = "\n".join(lines)
     if "‡" in text:
         lines += ["", "‡ generator-bound: the backend took at least "
@@ -864,6 +905,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         panels += [("rx", n) for n in sizes]
     if result["settings"].get("loopback"):
         panels += [("loop", n) for n in result["settings"]["loop_sizes"]]
+    if result["settings"].get("tap"):
+        panels += [(d, n) for d in ("tap-tx", "tap-rx")
+                   for n in result["settings"]["tap_sizes"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
               PYVHOST_COPY_LOG: "#cfcfcf", PYVHOST_DIRECT_LOG: "#8fbbd9"}
@@ -923,7 +967,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
                     window=window, interval=interval, hugepages=hugepages,
                     backend_cpu=args.backend_cpu, generator_cpu=args.generator_cpu,
                     memory_mib=args.memory_mib, rx=not args.no_rx, contenders=contenders,
-                    drain=0.3 if quick else 0.5, loopback=loopback, loop_sizes=loop_sizes)
+                    drain=0.3 if quick else 0.5, loopback=loopback, loop_sizes=loop_sizes,
+                    tap=not args.no_tap, tap_sizes=[] if args.no_tap else loop_sizes,
+                    only=[d for d in (args.only or "").split(",") if d])
 
 
 @contextlib.contextmanager
@@ -975,6 +1021,8 @@ def run(args: argparse.Namespace) -> int:
         "ratios": ratios(summary, settings.sizes),
         "rx_ratios": ratios(summary, settings.sizes, "rx"),
         "loop_ratios": ratios(summary, settings.loop_sizes, "loop"),
+        "tap-tx_ratios": ratios(summary, settings.tap_sizes, "tap-tx"),
+        "tap-rx_ratios": ratios(summary, settings.tap_sizes, "tap-rx"),
         "elapsed_s": round(time.monotonic() - started, 1),
         "samples": [dict(dataclasses.asdict(s), mpps=s.mpps) for s in samples],
     }

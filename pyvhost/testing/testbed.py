@@ -337,6 +337,7 @@ class Testpmd:
         name: str = "testpmd",
         log_path: Path | None = None,
         start_timeout: float = 60.0,
+        netns: str | None = None,
     ):
         self.vdevs = list(vdevs)
         self.hugepages = hugepages_available(memory_mib) if hugepages is None else hugepages
@@ -355,6 +356,8 @@ class Testpmd:
         # testpmd's stdout is a pipe here, so stdio would buffer it by blocks and
         # interactive output would sit unseen behind the prompt: force line buffering.
         self.argv = ["stdbuf", "-oL", "-eL", find_testpmd(), *eal, "--", *app]
+        if netns is not None:  # its TAP and AF_PACKET ports live in that network namespace
+            self.argv = ["ip", "netns", "exec", netns, *self.argv]
         self.log_path = log_path
         self.start_timeout = start_timeout
         self.result: TestpmdResult | None = None
