@@ -8,6 +8,8 @@
 Queue pair k (RX ring 2k, TX ring 2k+1) has:
 - TX to a TAP alone: `tap_kernels.tap_tx_poll` (compiled) pops bursts of TX chains and writes
   each chain's buffers to TAP fd k with one writev(2) straight from guest memory;
+- TX looped back alone: `loop_kernels.loop_tx_poll` (compiled) copies each TX chain straight
+  into RX backlog k and signals the RX side's wake-up eventfd once per call;
 - TX to other sinks: a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX
   chains, copies header + frame into slots and completes the chains; then the sink takes the
   slots: one pcap write per burst, a copy into RX backlog k (loopback), and/or one write(2)
@@ -26,7 +28,8 @@ further TAP frames read and dropped, at most a burst per call, so the TAP fd doe
 readable and wake the worker in a loop. No frame is lost or reordered while the guest has
 buffers. The worker's idle poll waits on `extra_wait_fds(2k)`: TAP fd k, or for loopback an
 eventfd the TX side signals after queueing frames (the two rings may be on different workers).
-When the guest refills its RX ring it kicks, the worker runs `process_rx`, and waiting frames
+Loopback's RX side (`loop_kernels.loop_rx_poll`) clears that eventfd and delivers the backlog,
+compiled too. When the guest refills its RX ring it kicks, the worker runs `process_rx`, and waiting frames
 go in.
 
 The generator (`gen:SIZE`, the counterpart of DPDK testpmd's txonly for benchmarks) is an RX
@@ -51,6 +54,7 @@ from typing import Any
 import numpy as np
 
 from pyvhost.devices.net import frame_kernels as RK
+from pyvhost.devices.net import loop_kernels as LK
 from pyvhost.devices.net import tap_kernels as TK
 from pyvhost.devices.net import tx_drop as NK
 from pyvhost.devices.net.pcap import PcapWriter
@@ -278,10 +282,11 @@ class NetIo:
         self.generator = self.source is not None and self.source.kind == "gen"
         # TX: the drop sink without loopback keeps device.py's own kernel.
         self.gathers_tx = self.sink.kind != "drop" or self.loopback
-        # Frames are gathered into a scratch ring for a pcap file or loopback; a TAP alone
-        # takes them straight from guest memory (tap_kernels.tap_tx_poll).
+        # Frames are gathered into a scratch ring for a pcap file, or for loopback and a TAP
+        # both; a TAP alone takes them straight from guest memory (tap_kernels.tap_tx_poll),
+        # loopback alone straight into the RX backlog (loop_kernels.loop_tx_poll).
         self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
-            if self.pcap is not None or self.loopback else []
+            if self.pcap is not None or (self.loopback and self.tap is not None) else []
         self.tx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
         self.tx_extra = np.zeros((queue_pairs, RK.TX_EXTRA_LEN), dtype=np.int64)
         self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
@@ -302,6 +307,8 @@ class NetIo:
         self.rx_counters = np.zeros((queue_pairs, RK.RX_COUNTERS_LEN), dtype=np.int64)
         self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
             if self.loopback else []
+        self._one = LK.eventfd_one()
+        self._eventfd_scratch = np.zeros(1, dtype=np.uint64)
         self._drain_buf = np.zeros(RK.HDR + 65536, dtype=np.uint8)
         self.rx_stale = 0
         # Compiled entry points by (kernel, views kind), as NetDevice._drop keeps its own.
@@ -351,9 +358,16 @@ class NetIo:
                    counters: np.ndarray, window: PollWindow | None = None) -> tuple[int, bool]:
         pair = queue.index // 2
         s, extra = self.tx_segs[pair], self.tx_extra[pair]
+        w = window or self._one_pass
+        if not self.tx_ring and self.loopback:  # straight into RX backlog k, all compiled
+            rx = self.rx_ring[pair]
+            done, notify = self._call("loop_tx", LK.loop_tx_poll, views, (
+                mem, queue.q, views, self._wake[pair], self.max_burst, w.cycles, w.idle_cycles,
+                w.leave, s.seg_addr, s.seg_len, s.seg_flags, rx.data, rx.lens, rx.ctl, counters,
+                extra, self._one))
+            return max(int(done), 0), bool(notify)
         if not self.tx_ring:  # a TAP is the only sink: straight from guest memory
             assert self.tap is not None
-            w = window or self._one_pass
             done, notify = self._call("tap_tx", TK.tap_tx_poll, views, (
                 mem, queue.q, views, self.tap.fds[pair], min(self.max_burst, TK.TAP_TX_BURST),
                 w.cycles, w.idle_cycles, w.leave, s.chain_heads, s.chain_ends, s.seg_addr,
@@ -401,10 +415,13 @@ class NetIo:
             return 0, False
         pair = queue.index // 2
         if self.loopback:
-            try:
-                os.eventfd_read(self._wake[pair])
-            except BlockingIOError:
-                pass
+            ring, s = self.rx_ring[pair], self.rx_segs[pair]
+            buffers, notify = self._call("loop_rx", LK.loop_rx_poll, views, (
+                mem, queue.q, views, self._wake[pair], mergeable, self.max_burst, window.cycles,
+                window.idle_cycles, window.leave, s.seg_addr, s.seg_len, s.seg_flags,
+                s.chain_heads, s.chain_ends, ring.data, ring.lens, ring.ctl,
+                self.rx_counters[pair], self._eventfd_scratch))
+            return max(int(buffers), 0), bool(notify)
         if self.generator:
             return self._generate(queue, mem, views, mergeable, pair, window)
         if self.rx_tap is not None:
@@ -500,6 +517,13 @@ def warm_up() -> None:
                    s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends, other.data,
                    other.lens, other.ctl, np.zeros(64, dtype=np.uint8), counters)
     TK.ring_to_fd(-1, other.data, other.lens, other.ctl, extra)
+    # Loopback's kernels (fd -1: the eventfd calls fail at once).
+    LK.loop_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave, s.seg_addr,
+                    s.seg_len, s.seg_flags, other.data, other.lens, other.ctl, counters, extra,
+                    LK.eventfd_one())
+    LK.loop_rx_poll(mem, q.q, NO_VIEWS, -1, True, 1, w.cycles, w.idle_cycles, w.leave,
+                    s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends, other.data,
+                    other.lens, other.ctl, counters, np.zeros(1, dtype=np.uint64))
     TK.drain_fd(-1, np.zeros(64, dtype=np.uint8), 1)
     # What a worker calls around every ring's bursts, and the drop kernel a started but not yet
     # enabled TX ring runs (Device.discard_burst).
