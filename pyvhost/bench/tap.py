@@ -27,7 +27,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 from pyvhost.bench import vhost as V
 from pyvhost.testing import testbed as tb
@@ -91,6 +91,7 @@ def measure_tap_tx(settings: V.Settings, size: int, contender: str, tmp: Path,
     tap = tap_name()
     phase = V._Phases(sample)
     with namespace() as ns:
+        backend_cm: Any
         if mode is not None:
             backend_cm = V.PyvhostProcess(sock, tmp / f"taptx-{mode}-{size}.json", mode,
                                           settings.backend_cpu, settings.interval,
@@ -114,7 +115,7 @@ def measure_tap_tx(settings: V.Settings, size: int, contender: str, tmp: Path,
                 phase.mark("generator_stop")
             if mode is not None:
                 stats = backend.stop()
-                V._check_pyvhost_run(stats, mode, backend)
+                V._check_pyvhost_run(stats, mode, backend, sample)
             else:
                 backend.stop()
             phase.mark("backend_stop")
@@ -134,6 +135,7 @@ def measure_tap_rx(settings: V.Settings, size: int, contender: str, tmp: Path,
     tap = tap_name()
     phase = V._Phases(sample)
     with namespace() as ns:
+        backend_cm: Any
         if mode is not None:
             backend_cm = V.PyvhostProcess(sock, tmp / f"taprx-{mode}-{size}.json", mode,
                                           settings.backend_cpu, settings.interval,
