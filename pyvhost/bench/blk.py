@@ -53,7 +53,8 @@ import numpy as np
 
 from pyvhost.bench.options import (BLK_BACKINGS, BLK_CONTENDERS, BLK_WORKLOADS, FIO, PYVHOST,
                                    QSD, add_blk_arguments)
-from pyvhost.bench.vhost import _cpu_seconds, _git_changes, _git_commit
+from pyvhost.bench.vhost import (_cpu_seconds, _git_changes, _git_commit,
+                                  _terminate_as_interrupt)
 from pyvhost.testing import testbed as tb
 from pyvhost.testing.blk_frontend import READ, WRITE, BlkBenchFrontend
 
@@ -279,14 +280,7 @@ class Backend:
         return ""
 
     def close(self, timeout: float = 20.0) -> None:
-        proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        tb._kill_and_reap(self._proc, signal.SIGINT, timeout)
         if self._log is not None:
             self._log.close()
             self._log = None
@@ -734,20 +728,6 @@ def run(args: argparse.Namespace) -> int:
     failed = [s for s in samples if (s.error and not available(settings, s.backing, s.contender))
               or s.errors]
     return 1 if failed else 0
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM/SIGHUP unwind like Ctrl-C, so every back-end and file is cleaned up."""
-    def raise_interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(signal.Signals(signum).name)
-
-    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in old.items():
-            signal.signal(sig, handler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
