@@ -14,7 +14,8 @@ import sys
 import pytest
 
 from pyvhost.bench import blk as B
-from pyvhost.bench.options import BLK_BACKINGS, BLK_WORKLOADS, FIO, PYVHOST, QSD
+from pyvhost.bench.options import (BLK_BACKINGS, BLK_WORKLOADS, FIO, PYVHOST, PYVHOST_THREADS,
+                                   QSD)
 
 QDS = (1, 8, 32, 128)
 
@@ -56,6 +57,13 @@ def test_null_cells_without_pyvhost_null_are_marked_not_available():
     assert B.available(settings, "null", PYVHOST).startswith("not available")
     assert B.available(settings, "null", QSD) is None
     assert B.available(_settings(), "null", PYVHOST) is None
+    # The threads data path as a contender of its own only where pyvhost blk has --io.
+    assert B.available(_settings(io_option=False), "pagecache", PYVHOST_THREADS).startswith(
+        "not available")
+    assert B.available(_settings(io_option=True), "pagecache", PYVHOST_THREADS) is None
+    argv = B.backend_argv(_settings(io_option=True), PYVHOST_THREADS, "pagecache",
+                          B.Path("/c.img"), 1 << 26, B.Path("/s.sock"))
+    assert argv[-3:] == ["--io", "threads", "--poll"]  # --pyvhost-args come last
 
 
 def test_back_end_command_lines():

@@ -52,15 +52,17 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from pyvhost.bench.options import (BLK_BACKINGS, BLK_CONTENDERS, BLK_WORKLOADS, FIO, PYVHOST,
-                                   QSD, add_blk_arguments)
+                                   PYVHOST_THREADS, QSD, add_blk_arguments)
 from pyvhost.bench.vhost import (_cpu_seconds, _git_changes, _git_commit,
                                   _terminate_as_interrupt)
 from pyvhost.testing import testbed as tb
 from pyvhost.testing.blk_frontend import READ, WRITE, BlkBenchFrontend
 
 OPS = {"randread": READ, "randwrite": WRITE}
-LABELS = {PYVHOST: "pyvhost blk", QSD: "qemu-storage-daemon", FIO: "host fio (no vhost-user)"}
-COLORS = {PYVHOST: "#1f77b4", QSD: "#d62728", FIO: "#7f7f7f"}
+LABELS = {PYVHOST: "pyvhost blk", PYVHOST_THREADS: "pyvhost blk `--io threads`",
+          QSD: "qemu-storage-daemon", FIO: "host fio (no vhost-user)"}
+COLORS = {PYVHOST: "#1f77b4", PYVHOST_THREADS: "#9ecae1", QSD: "#d62728", FIO: "#7f7f7f"}
+PYVHOSTS = (PYVHOST, PYVHOST_THREADS)
 FILL_CHUNK = 1 << 20
 
 
@@ -83,6 +85,7 @@ class Settings:
     pyvhost_args: list[str]
     null_available: bool        # this pyvhost's `blk` has --null
     qsd_iothread: bool = True
+    io_option: bool = False     # this pyvhost's `blk` has --io (uring|threads)
 
 
 @dataclasses.dataclass
@@ -143,15 +146,14 @@ def _version(argv: list[str]) -> str | None:
     return None
 
 
-def pyvhost_blk_has_null() -> bool:
-    """Whether `pyvhost blk` of this tree has a --null option (a null device)."""
+def pyvhost_blk_options() -> set[str]:
+    """The option strings `pyvhost blk` of this tree accepts (--null, --io... came over time)."""
     from pyvhost.cli import build_parser
 
     for action in build_parser()._actions:
         if isinstance(action, argparse._SubParsersAction) and "blk" in action.choices:
-            return any("--null" in opt.option_strings
-                       for opt in action.choices["blk"]._actions)
-    return False
+            return {o for opt in action.choices["blk"]._actions for o in opt.option_strings}
+    return set()
 
 
 # -- backing files ------------------------------------------------------------------------------
@@ -204,7 +206,7 @@ def backing_files(settings: Settings) -> Iterator[Backings]:
 
 
 def pyvhost_argv(settings: Settings, backing: str, file: Path | None, size: int,
-                 sock: Path) -> list[str]:
+                 sock: Path, threads: bool = False) -> list[str]:
     argv = [sys.executable, "-m", "pyvhost", "blk", "--socket-path", str(sock), "--queues", "1",
             "--queue-size", str(max(settings.queue_size, 256)), "--log-level", "WARNING"]
     if backing == "null":
@@ -214,6 +216,8 @@ def pyvhost_argv(settings: Settings, backing: str, file: Path | None, size: int,
         argv += ["--file", str(file)]
         if backing == "direct":
             argv.append("--direct")
+    if threads:
+        argv += ["--io", "threads"]
     return argv + settings.pyvhost_args
 
 
@@ -294,14 +298,21 @@ def _percentile_us(lat_ns: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(lat_ns, q)) / 1e3, 2) if len(lat_ns) else None
 
 
+def backend_argv(settings: Settings, contender: str, backing: str, file: Path | None,
+                 size: int, sock: Path) -> list[str]:
+    if contender in PYVHOSTS:
+        return pyvhost_argv(settings, backing, file, size, sock,
+                            threads=contender == PYVHOST_THREADS)
+    return qsd_argv(settings, backing, file, size, sock)
+
+
 def measure_backend(settings: Settings, backing: str, contender: str, files: Backings,
                     tmp: Path, samples: Sequence[Sample]) -> None:
     """One back-end process; every workload of `samples` on one connection, in turn."""
     sock = tmp / f"{contender}-{backing}.sock"
     log = tmp / f"{contender}-{backing}.log"
     file = files.file(backing)
-    make = pyvhost_argv if contender == PYVHOST else qsd_argv
-    argv = make(settings, backing, file, files.size, sock)
+    argv = backend_argv(settings, contender, backing, file, files.size, sock)
     with Backend(argv, sock, settings.backend_cpu, log, start_timeout=600) as backend, \
             BlkBenchFrontend(str(sock), queue_size=settings.queue_size, max_qd=max(settings.qds),
                              indirect=settings.indirect) as fe:
@@ -400,7 +411,9 @@ def plan(settings: Settings) -> list[list[Sample]]:
 
 def available(settings: Settings, backing: str, contender: str) -> str | None:
     """Why a cell is not measured (None: it is)."""
-    if contender == PYVHOST and backing == "null" and not settings.null_available:
+    if contender == PYVHOST_THREADS and not settings.io_option:
+        return "not available: this pyvhost's `blk` has one data path (no --io)"
+    if contender in PYVHOSTS and backing == "null" and not settings.null_available:
         return "not available: this pyvhost's `blk` has no --null"
     if contender == FIO and backing == "null":
         return "no storage to measure"
@@ -436,16 +449,19 @@ def summarize(samples: Sequence[Sample]) -> dict[str, Any]:
 
 
 def ratios(summary: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """pyvhost / qsd, medians and best runs, per backing, workload and QD."""
+    """pyvhost / qsd (and pyvhost / its threads path), medians and best runs, per backing,
+    workload and QD."""
     out: dict[str, Any] = {}
+    pairs = (("pyvhost/qsd", PYVHOST, QSD, "median"), ("pyvhost/qsd best", PYVHOST, QSD, "max"),
+             ("pyvhost/threads", PYVHOST, PYVHOST_THREADS, "median"))
     for backing in settings.backings:
         for workload in settings.workloads:
             cells = summary.get(backing, {}).get(workload, {})
-            for stat, key in (("median", "pyvhost/qsd"), ("max", "pyvhost/qsd best")):
+            for key, x, y, stat in pairs:
                 row = {}
                 for qd in settings.qds:
-                    a = cells.get(PYVHOST, {}).get(str(qd))
-                    b = cells.get(QSD, {}).get(str(qd))
+                    a = cells.get(x, {}).get(str(qd))
+                    b = cells.get(y, {}).get(str(qd))
                     row[str(qd)] = (round(a[stat] / b[stat], 3)
                                     if a and b and b[stat] > 0 else None)
                 out.setdefault(backing, {}).setdefault(workload, {})[key] = row
@@ -523,14 +539,17 @@ def markdown(result: dict[str, Any]) -> str:
                              + f" | {lat} | {cpu} |")
             r = rat.get(backing, {}).get(workload, {})
             for key, label in (("pyvhost/qsd", "pyvhost / qsd"),
-                               ("pyvhost/qsd best", "pyvhost / qsd, best runs")):
+                               ("pyvhost/qsd best", "pyvhost / qsd, best runs"),
+                               ("pyvhost/threads", "pyvhost / its `--io threads`")):
+                if key == "pyvhost/threads" and PYVHOST_THREADS not in s["contenders"]:
+                    continue
                 row = r.get(key, {})
                 lines.append(f"| {label} {workload} | "
                              + " | ".join(_ratio(row.get(str(q))) for q in qds)
                              + " | | |")
-        notes = [available(settings, backing, c) for c in (PYVHOST, QSD)]
-        for contender, why in zip((PYVHOST, QSD), notes):
-            if why:
+        for contender in (PYVHOST, PYVHOST_THREADS, QSD):
+            why = available(settings, backing, contender)
+            if why and contender in s["contenders"]:
                 lines += ["", f"{LABELS[contender]}: {why}."]
         lines.append("")
     for who in ("frontend", "backend"):
@@ -616,6 +635,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
     def pick(value: float | None, full: float, fast: float) -> float:
         return value if value is not None else (fast if quick else full)
 
+    blk_options = pyvhost_blk_options()
     qds = sorted({int(q) for q in args.qd.split(",") if q})
     if not qds or qds[0] < 1 or qds[-1] > args.queue_size:
         raise SystemExit(f"--qd {args.qd}: each QD must be in 1..{args.queue_size}")
@@ -628,8 +648,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         size_mib=int(pick(args.size_mib, 1024, 64)), cache_dir=args.cache_dir,
         disk_dir=args.disk_dir, backend_cpu=args.backend_cpu, frontend_cpu=args.frontend_cpu,
         queue_size=args.queue_size, indirect=args.chains == "indirect",
-        pyvhost_args=shlex.split(args.pyvhost_args), null_available=pyvhost_blk_has_null(),
-        qsd_iothread=not args.qsd_main_loop)
+        pyvhost_args=shlex.split(args.pyvhost_args), null_available="--null" in blk_options,
+        qsd_iothread=not args.qsd_main_loop, io_option="--io" in blk_options)
 
 
 def command_lines(settings: Settings) -> list[str]:
@@ -638,11 +658,11 @@ def command_lines(settings: Settings) -> list[str]:
     sock = Path("SOCK")
     out = []
     for backing in settings.backings:
-        for contender in (PYVHOST, QSD):
+        for contender in (PYVHOST, PYVHOST_THREADS, QSD):
             if contender in settings.contenders and not available(settings, backing, contender):
-                make = pyvhost_argv if contender == PYVHOST else qsd_argv
-                argv = make(settings, backing, files.file(backing), files.size, sock)
-                if contender == PYVHOST:
+                argv = backend_argv(settings, contender, backing, files.file(backing),
+                                    files.size, sock)
+                if contender in PYVHOSTS:
                     argv = ["pyvhost", *argv[3:]]
                 out.append(shlex.join(argv))
     return out

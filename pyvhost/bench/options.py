@@ -65,9 +65,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 # -- pyvhost bench blk --------------------------------------------------------------------------
 
 PYVHOST = "pyvhost"
+PYVHOST_THREADS = "pyvhost-threads"  # `pyvhost blk --io threads`, where pyvhost has --io
 QSD = "qsd"
 FIO = "fio"
-BLK_CONTENDERS = (PYVHOST, QSD, FIO)
+BLK_CONTENDERS = (PYVHOST, PYVHOST_THREADS, QSD, FIO)
+BLK_DEFAULT_CONTENDERS = (PYVHOST, QSD, FIO)
 BLK_BACKINGS = ("null", "pagecache", "direct")
 BLK_WORKLOADS = ("randread", "randwrite")
 
@@ -88,8 +90,10 @@ def add_blk_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                         help=f"subset of {','.join(BLK_WORKLOADS)}")
     parser.add_argument("--backings", default=",".join(BLK_BACKINGS),
                         help=f"subset of {','.join(BLK_BACKINGS)}")
-    parser.add_argument("--contenders", default=",".join(BLK_CONTENDERS),
-                        help=f"subset of {','.join(BLK_CONTENDERS)} (fio: the host ceiling)")
+    parser.add_argument("--contenders", default=",".join(BLK_DEFAULT_CONTENDERS),
+                        help=f"subset of {','.join(BLK_CONTENDERS)} (fio: the host ceiling; "
+                             f"{PYVHOST_THREADS}: pyvhost's handle() + I/O threads data path, "
+                             f"when it has --io; default {','.join(BLK_DEFAULT_CONTENDERS)})")
     parser.add_argument("--size-mib", type=int, default=None,
                         help="disk size in MiB (default 1024)")
     parser.add_argument("--cache-dir", default="/dev/shm",
