@@ -86,6 +86,7 @@ class Settings:
     null_available: bool        # this pyvhost's `blk` has --null
     qsd_iothread: bool = True
     io_option: bool = False     # this pyvhost's `blk` has --io (uring|threads)
+    interrupts: bool = False    # the front-end sleeps on the call eventfd instead of polling
 
 
 @dataclasses.dataclass
@@ -109,6 +110,7 @@ class Sample:
     backend_cpu_share: float | None = None  # CPU time / window (1.0 = a whole core)
     frontend_cpu_share: float | None = None  # the polling front-end's: < 1 = preempted
     kicks_per_io: float | None = None
+    sleeps_per_io: float | None = None      # front-end waits on the call eventfd (--interrupts)
     started: str = ""
     error: str | None = None
 
@@ -315,7 +317,7 @@ def measure_backend(settings: Settings, backing: str, contender: str, files: Bac
     argv = backend_argv(settings, contender, backing, file, files.size, sock)
     with Backend(argv, sock, settings.backend_cpu, log, start_timeout=600) as backend, \
             BlkBenchFrontend(str(sock), queue_size=settings.queue_size, max_qd=max(settings.qds),
-                             indirect=settings.indirect) as fe:
+                             indirect=settings.indirect, interrupts=settings.interrupts) as fe:
         for sample in samples:
             sample.started = _now()
             try:
@@ -337,6 +339,7 @@ def measure_backend(settings: Settings, backing: str, contender: str, files: Bac
             sample.lat_mean_us = (round(r.latency_mean_ns / 1e3, 2)
                                   if r.latency_mean_ns is not None else None)
             sample.kicks_per_io = round(r.kicks / r.completed, 4) if r.completed else None
+            sample.sleeps_per_io = round(r.sleeps / r.completed, 4) if r.completed else None
             sample.frontend_cpu_share = round((own1 - own0) / r.seconds, 3)
             if cpu0 is not None and cpu1 is not None:
                 sample.backend_cpu_s = round(cpu1 - cpu0, 3)
@@ -510,7 +513,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"start {m['loadavg_start'][0]:.2f}; pyvhost {m['pyvhost_commit']}. Front-end "
         f"(pyvhost.testing.blk_frontend, compiled) on CPU {s['frontend_cpu']}, back-end on "
         f"CPU {s['backend_cpu']}; 4 KiB random I/O over {s['size_mib']} MiB, one queue of "
-        f"{s['queue_size']}, {'indirect' if s['indirect'] else 'direct'} chains; "
+        f"{s['queue_size']}, {'indirect' if s['indirect'] else 'direct'} chains, "
+        f"{'interrupts' if s.get('interrupts') else 'used ring polled'}; "
         f"{s['repeat']} repetition(s), {s['warmup']:g} s warm-up, {s['window']:g} s window.",
         "",
     ]
@@ -649,7 +653,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         disk_dir=args.disk_dir, backend_cpu=args.backend_cpu, frontend_cpu=args.frontend_cpu,
         queue_size=args.queue_size, indirect=args.chains == "indirect",
         pyvhost_args=shlex.split(args.pyvhost_args), null_available="--null" in blk_options,
-        qsd_iothread=not args.qsd_main_loop, io_option="--io" in blk_options)
+        qsd_iothread=not args.qsd_main_loop, io_option="--io" in blk_options,
+        interrupts=args.interrupts)
 
 
 def command_lines(settings: Settings) -> list[str]:

@@ -103,6 +103,9 @@ def add_blk_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     parser.add_argument("--queue-size", type=int, default=256, help="ring size (default 256)")
     parser.add_argument("--chains", choices=("indirect", "direct"), default="indirect",
                         help="requests as one indirect descriptor (as Linux) or 3 direct ones")
+    parser.add_argument("--interrupts", action="store_true",
+                        help="the front-end waits for used-buffer notifications (call eventfd) "
+                             "instead of polling the used ring")
     parser.add_argument("--pyvhost-args", default="",
                         help="extra `pyvhost blk` arguments, one string (default: none, its "
                              "defaults; write it with =: --pyvhost-args=\"--poll\")")

@@ -14,9 +14,12 @@ compiled loop (numba, nogil) plays the guest's virtio-blk driver on that queue a
   (anything but OK counts as an error) and its slot resubmitted at once with a new random 4 KiB
   aligned sector (xorshift64*): QD requests stay in flight;
 - the avail index is published once per reaped batch and the kick eventfd written only when
-  the ring asks for it (EVENT_IDX's avail_event, or VRING_USED_F_NO_NOTIFY); interrupts are
-  suppressed (used_event kept half the index space ahead) since nothing sleeps on them — a
-  call eventfd is still passed, as libvhost-user wants one;
+  the ring asks for it (EVENT_IDX's avail_event, or VRING_USED_F_NO_NOTIFY);
+- by default nothing sleeps: interrupts are suppressed (used_event kept half the index space
+  ahead, or VRING_AVAIL_F_NO_INTERRUPT) and the used ring polled — a call eventfd is still
+  passed, as libvhost-user wants one; with `interrupts=True` an empty look at the used ring
+  asks for a notification, looks again, and sleeps in poll(2) on the call eventfd, as a guest
+  driver waiting for its interrupt;
 - each request's latency (submit to reap, CLOCK_MONOTONIC) is recorded, up to a cap.
 
 Guest-controlled values from the device side are checked like any driver would: a used id that
@@ -49,6 +52,7 @@ from pyvhost.ring.layout import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
+    VRING_AVAIL_F_NO_INTERRUPT,
     VRING_USED_F_NO_NOTIFY,
 )
 from pyvhost.testing.driver import MockSplitQueue
@@ -101,6 +105,10 @@ ERROR_NAMES = {E_STALL: "no completion for the stall timeout",
 # ctypes function pointer); pointers are passed as int64, the same register in the C ABI.
 _write: Any = types.ExternalFunction("write", types.int64(types.int32, types.int64, types.uint64))
 _clock_gettime: Any = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.int64))
+_read: Any = types.ExternalFunction("read", types.int64(types.int32, types.int64, types.uint64))
+_poll: Any = types.ExternalFunction("poll", types.int32(types.int64, types.uint64, types.int32))
+POLLIN = 1
+SLEEP_MS = 10  # longest sleep on the call eventfd before the loop looks at the clock again
 CLOCK_MONOTONIC = 1
 
 
@@ -155,19 +163,32 @@ def _publish(state, old, avail_addr, used_addr, avail_event_addr, event_idx, kic
 
 
 @kernel
+def _interrupts(on, avail, used_event_index, event_idx, last):
+    """Ask for a used-buffer notification after `last` (on), or for none (2.7.7, 2.7.10)."""
+    if event_idx:
+        avail[used_event_index] = last if on else (last + 0x8000) & 0xFFFF
+    else:
+        avail[0] = 0 if on else VRING_AVAIL_F_NO_INTERRUPT
+
+
+@kernel
 def run_loop(state, params, head_of, slot_of, in_flight, submit_ns, hdr, status, avail, used32,
-             lat, ts, one, results):
+             lat, ts, one, pfd, evbuf, results):
     """Keep params' QD requests in flight until `duration_ns` has passed (or, with
-    `drain`, until none is in flight), reaping by polling used->idx.
+    `drain`, until none is in flight), reaping by polling used->idx; with `interrupts`, an
+    empty look at the used ring sleeps on the call eventfd instead (notifications asked for
+    only then, as a guest driver re-enables its callback before it waits).
 
     params: [op, qd, nblocks, duration_ns, stall_ns, drain, qsize, avail_addr, used_addr,
-    avail_event_addr, used_event index in `avail`, event_idx, kick_fd, latency_cap].
+    avail_event_addr, used_event index in `avail`, event_idx, kick_fd, latency_cap, call_fd,
+    interrupts].
     results (int64, added to): [completed, errors (status != OK), lat_count, lat_sum_ns,
-    polls, empty_polls]."""
+    polls, empty_polls, sleeps]."""
     op, qd, nblocks, duration_ns, stall_ns, drain = (params[0], params[1], params[2], params[3],
                                                     params[4], params[5])
     qsize, avail_addr, used_addr, avail_event_addr = params[6], params[7], params[8], params[9]
     used_event_index, event_idx, kick_fd, lat_cap = params[10], params[11], params[12], params[13]
+    call_fd, interrupts = params[14], params[15]
     qmask = qsize - 1
     start = _now_ns(ts)
     end = start + duration_ns
@@ -199,6 +220,16 @@ def run_loop(state, params, head_of, slot_of, in_flight, submit_ns, hdr, status,
             if now - last_progress > stall_ns:
                 state[S_ERROR] = E_STALL
                 return
+            if interrupts:
+                _interrupts(True, avail, used_event_index, event_idx, last)
+                fence_seq_cst()  # the request before the re-check (else a lost wake-up)
+                if np.int64(load_u16(used_addr + 2)) == uidx:
+                    pfd[0] = call_fd
+                    pfd[1] = POLLIN
+                    _poll(pfd.ctypes.data, 1, SLEEP_MS)
+                    _read(call_fd, evbuf.ctypes.data, 8)  # non-blocking: resets the count
+                    results[6] += 1
+                _interrupts(False, avail, used_event_index, event_idx, last)
             continue
         if n > state[S_IN_FLIGHT]:
             state[S_ERROR] = E_USED_TOO_FAR
@@ -231,8 +262,7 @@ def run_loop(state, params, head_of, slot_of, in_flight, submit_ns, hdr, status,
                 _submit(slot, op, nblocks, state, head_of, hdr, status, avail, qmask, submit_ns,
                         now)
         state[S_LAST_USED] = uidx
-        # Keep the device from signalling: used_event half the index space ahead.
-        avail[used_event_index] = (uidx + 0x8000) & 0xFFFF
+        _interrupts(False, avail, used_event_index, event_idx, uidx)  # awake: none wanted
         if state[S_NEXT_AVAIL] != old:
             if not _publish(state, old, avail_addr, used_addr, avail_event_addr, event_idx,
                             kick_fd, one):
@@ -247,6 +277,7 @@ class RunResult:
     latencies_ns: np.ndarray  # up to LATENCY_CAP of them, in completion order
     latency_mean_ns: float | None
     kicks: int
+    sleeps: int             # waits on the call eventfd (interrupt mode)
 
     @property
     def iops(self) -> float:
@@ -257,11 +288,12 @@ class BlkBenchFrontend:
     """One connection to a vhost-user-blk back-end, one request queue driven by `run_loop`."""
 
     def __init__(self, socket_path: str, *, queue_size: int = 256, max_qd: int = 128,
-                 indirect: bool = True, connect_timeout: float = 30.0,
-                 timeout: float = 10.0) -> None:
+                 indirect: bool = True, interrupts: bool = False,
+                 connect_timeout: float = 30.0, timeout: float = 10.0) -> None:
         if max_qd > (queue_size if indirect else queue_size // 3):
             raise ValueError(f"queue size {queue_size} cannot hold {max_qd} requests")
         self.queue_size, self.max_qd, self.indirect = queue_size, max_qd, indirect
+        self.interrupts = interrupts
         self._fe = VhostUserFrontend(socket_path, connect_timeout=connect_timeout,
                                      timeout=timeout)
         self._ram: GuestRam | None = None
@@ -305,7 +337,7 @@ class BlkBenchFrontend:
         fe.setup_queue(0, driver, kick=True, call=True)
         if neg.features >> VHOST_USER_F_PROTOCOL_FEATURES & 1:
             fe.enable_queue(0)  # rings start disabled once protocol features are on
-        self.kick_fd = fe.queue_fds(0)[0]
+        self.kick_fd, self.call_fd = fe.queue_fds(0)
 
         (region,) = ram.regions
         mem = np.frombuffer(region.mm, np.uint8)  # mmap_offset 0: file offset == GPA
@@ -341,6 +373,9 @@ class BlkBenchFrontend:
         self._lat = np.zeros(LATENCY_CAP, np.int64)
         self._ts = np.zeros(2, np.int64)
         self._one = np.ones(1, np.uint64)
+        self._pfd = np.zeros(2, np.int32)  # struct pollfd: fd, events | revents << 16
+        self._evbuf = np.zeros(1, np.uint64)
+        _interrupts(False, self._avail, self._used_event_index, self.event_idx, 0)
         self._op: int | None = None
         self._qd = 0
         self._data[:] = np.frombuffer(os.urandom(len(self._data)), np.uint8)
@@ -394,13 +429,14 @@ class BlkBenchFrontend:
         params = np.array([self._op or 0, self._qd, self.nblocks, int(seconds * 1e9),
                            int(stall * 1e9), int(drain), self.queue_size, self._avail_addr,
                            self._used_addr, self._avail_event_addr, self._used_event_index,
-                           int(self.event_idx), self.kick_fd, LATENCY_CAP], np.int64)
-        results = np.zeros(6, np.int64)
+                           int(self.event_idx), self.kick_fd, LATENCY_CAP, self.call_fd,
+                           int(self.interrupts)], np.int64)
+        results = np.zeros(7, np.int64)
         kicks0 = int(self._state[S_KICKS])
         t0 = _now_ns(self._ts)
         run_loop(self._state, params, self._head_of, self._slot_of, self._in_flight,
                  self._submit_ns, self._hdr, self._status, self._avail, self._used32, self._lat,
-                 self._ts, self._one, results)
+                 self._ts, self._one, self._pfd, self._evbuf, results)
         t1 = _now_ns(self._ts)
         err = int(self._state[S_ERROR])
         if err:
@@ -411,7 +447,7 @@ class BlkBenchFrontend:
         return RunResult(completed=int(results[0]), errors=int(results[1]),
                          seconds=(t1 - t0) / 1e9, latencies_ns=self._lat[:n_lat].copy(),
                          latency_mean_ns=(results[3] / results[2]) if results[2] else None,
-                         kicks=int(self._state[S_KICKS]) - kicks0)
+                         kicks=int(self._state[S_KICKS]) - kicks0, sleeps=int(results[6]))
 
     # -- lifetime ------------------------------------------------------------------------------
 
