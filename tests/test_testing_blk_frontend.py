@@ -29,7 +29,7 @@ def _serve(tmp_path, image, *extra):
 def test_requests_complete_ok_and_writes_reach_the_image(tmp_path, image, interrupts, indirect):
     daemon, sock = _serve(tmp_path, image)
     with daemon as d:
-        d.wait_listening()
+        d.wait_listening(timeout=600)  # a cold numba cache compiles the device first
         with BlkBenchFrontend(str(sock), queue_size=256, max_qd=32, indirect=indirect,
                               interrupts=interrupts) as fe:
             assert fe.capacity_sectors == SIZE // 512 and fe.nblocks == SIZE // 4096
@@ -50,7 +50,7 @@ def test_requests_complete_ok_and_writes_reach_the_image(tmp_path, image, interr
 def test_a_read_only_disk_refuses_a_write_workload(tmp_path, image):
     daemon, sock = _serve(tmp_path, image, "--readonly")
     with daemon as d:
-        d.wait_listening()
+        d.wait_listening(timeout=600)  # a cold numba cache compiles the device first
         with BlkBenchFrontend(str(sock), max_qd=8) as fe:
             assert fe.read_only
             with pytest.raises(BlkFrontendError, match="read-only"):

@@ -44,6 +44,7 @@ from numba import types
 
 from pyvhost.protocol import VHOST_USER_F_PROTOCOL_FEATURES, ProtocolFeature
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.fdcalls import sys_read, sys_write
 from pyvhost.ring.hostmem import load_u16, store_u16
 from pyvhost.ring.jit import kernel
 from pyvhost.ring.layout import (
@@ -101,11 +102,10 @@ ERROR_NAMES = {E_STALL: "no completion for the stall timeout",
                E_BAD_ID: "used element names a head that is not in flight",
                E_KICK: "writing the kick eventfd failed"}
 
-# libc by symbol name (resolved in-process when the kernel is loaded, so it caches, unlike a
-# ctypes function pointer); pointers are passed as int64, the same register in the C ABI.
-_write: Any = types.ExternalFunction("write", types.int64(types.int32, types.int64, types.uint64))
+# libc by symbol name, as ring/fdcalls.py's read and write (resolved in-process when the kernel
+# is loaded, so it caches, unlike a ctypes function pointer); pointers are passed as int64, the
+# same register in the C ABI.
 _clock_gettime: Any = types.ExternalFunction("clock_gettime", types.int32(types.int32, types.int64))
-_read: Any = types.ExternalFunction("read", types.int64(types.int32, types.int64, types.uint64))
 _poll: Any = types.ExternalFunction("poll", types.int32(types.int64, types.uint64, types.int32))
 POLLIN = 1
 SLEEP_MS = 10  # longest sleep on the call eventfd before the loop looks at the clock again
@@ -156,7 +156,7 @@ def _publish(state, old, avail_addr, used_addr, avail_event_addr, event_idx, kic
         kick = (np.int64(load_u16(used_addr)) & VRING_USED_F_NO_NOTIFY) == 0
     if kick:
         state[S_KICKS] += 1
-        if _write(kick_fd, one.ctypes.data, 8) != 8:
+        if sys_write(kick_fd, one.ctypes.data, 8) != 8:
             state[S_ERROR] = E_KICK
             return False
     return True
@@ -227,7 +227,7 @@ def run_loop(state, params, head_of, slot_of, in_flight, submit_ns, hdr, status,
                     pfd[0] = call_fd
                     pfd[1] = POLLIN
                     _poll(pfd.ctypes.data, 1, SLEEP_MS)
-                    _read(call_fd, evbuf.ctypes.data, 8)  # non-blocking: resets the count
+                    sys_read(call_fd, evbuf.ctypes.data, 8)  # non-blocking: resets the count
                     results[6] += 1
                 _interrupts(False, avail, used_event_index, event_idx, last)
             continue
