@@ -320,3 +320,30 @@ def test_inflight_areas_are_unmapped_and_closed(tmp_path: Path) -> None:
 
     with DeviceSession(Untracked, tmp_path / "plain.sock", protocol=PROTOCOL) as s:
         assert not s.negotiated.has(P.INFLIGHT_SHMFD)
+
+
+def test_one_region_per_queue(tmp_path: Path) -> None:
+    """With several queues each ring tracks into its own region (queue i at i * stride)."""
+
+    class TwoQueues(TrackedEcho):
+        num_queues = 2
+
+    stride = queue_region_size(64)
+    with DeviceSession(TwoQueues, tmp_path / "two.sock", protocol=PROTOCOL | P.MQ.mask) as s:
+        shm = s.fe.get_inflight_fd(2, 64)
+        assert shm is not None and shm.size == 2 * stride
+        try:
+            s.fe.set_inflight_fd(shm)
+            s.start_queue(0)
+            s.start_queue(1)
+            for i in range(3):
+                assert s.request(1, readable=[b"q1"], writable=[2]) == (2, b"q1")
+            assert s.request(0, readable=[b"q0"], writable=[2]) == (2, b"q0")
+            area = shm.read()
+            for q, used in ((0, 1), (1, 3)):
+                header = area[q * stride:q * stride + 16]
+                # version 1, desc_num 64, used_idx = the ring's
+                assert (header[8:10], header[10:12], header[14:16]) == (
+                    b"\x01\x00", (64).to_bytes(2, "little"), used.to_bytes(2, "little"))
+        finally:
+            shm.close()

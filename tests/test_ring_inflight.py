@@ -66,10 +66,16 @@ class Life:
         return self.heads[:got].tolist()
 
     def complete(self, heads: list[int]) -> None:
-        """Publish heads as one batch, the whole tracked sequence."""
+        """Publish heads as one batch, the whole tracked sequence (either primitive)."""
         mem, q, views = self.args()
         arr = np.array(heads, np.int64)
-        assert I.push_used_burst_inflight(mem, q, views, self.iv, arr, arr * 0, len(heads)) >= 0
+        if len(heads) % 2:
+            assert I.push_used_burst_inflight(mem, q, views, self.iv, arr, arr * 0,
+                                              len(heads)) >= 0
+        else:
+            for h in heads:
+                assert K.add_used(mem, q, views, h, 0)
+            assert I.publish_used_inflight(mem, q, views, self.iv, arr, len(heads))
 
     def complete_until(self, heads: list[int], point: str) -> None:
         """The tracked publish of one batch, stopped (killed) at `point`."""

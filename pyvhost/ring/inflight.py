@@ -43,8 +43,12 @@ sets `Device.tracks_inflight` must:
     mark every head it pops itself, in pop order, with `inflight_mark`, and drain the
     resubmit list first with `inflight_resubmit_pending` / `inflight_take_resubmit` +
     `ring.kernels.walk_chain`;
-  - publish with `push_used_burst_inflight` (push_used_burst's contract), or bracket its own
-    `publish_used` with `inflight_begin_batch` and `inflight_end_batch`.
+  - publish with `push_used_burst_inflight` (push_used_burst's contract), or add its used
+    elements with `kernels.add_used` and publish them with `publish_used_inflight` (instead
+    of `kernels.publish_used`), or bracket its own publish with `inflight_begin_batch` and
+    `inflight_end_batch`.
+
+`ring.chains.pop_requests` takes the views too (after `views`) and resubmits and marks itself.
 """
 
 from __future__ import annotations
@@ -336,6 +340,18 @@ def push_used_burst_inflight(mem, q, views, iv, heads, lens, n):
         return -1
     inflight_end_batch(iv, heads, n, q[K.Q_NEXT_USED])
     return 1 if K.needs_interrupt(mem, q, views) else 0
+
+
+@kernel
+def publish_used_inflight(mem, q, views, iv, heads, n):
+    """`kernels.publish_used` for a tracked ring whose data path added the used elements of
+    heads[0:n] itself (`kernels.add_used`): link them as the last batch, publish, clear their
+    flags and record used_idx. False: the queue broke."""
+    inflight_begin_batch(iv, heads, n)
+    if not K.publish_used(mem, q, views):
+        return False
+    inflight_end_batch(iv, heads, n, q[K.Q_NEXT_USED])
+    return True
 
 
 @kernel
