@@ -347,3 +347,31 @@ def test_one_region_per_queue(tmp_path: Path) -> None:
                     b"\x01\x00", (64).to_bytes(2, "little"), used.to_bytes(2, "little"))
         finally:
             shm.close()
+
+
+def test_area_that_contradicts_the_ring_refuses_the_start(tmp_path: Path) -> None:
+    """An area claiming requests in flight the driver never offered: the ring does not start
+    (a refused SET_VRING_KICK); the connection goes on, and starts with a sane area."""
+    with DeviceSession(TrackedEcho, tmp_path / "echo.sock", protocol=PROTOCOL) as s:
+        shm = s.fe.get_inflight_fd(1, 64)
+        assert shm is not None
+        try:
+            s.fe.set_inflight_fd(shm)
+            s.start_queue(0)
+            assert s.request(0, readable=[b"x"], writable=[1]) == (1, b"x")
+            assert s.fe.get_vring_base(0) == 1
+            for head in range(10):  # "in flight", but only one chain was ever offered
+                os.pwrite(shm.fd.fileno(), b"\x01", 16 + 16 * head)
+            s.fe.set_inflight_fd(shm)
+            driver = s.fe.driver(0)
+            driver.initial_avail_idx = 1
+            with pytest.raises(RequestFailed):
+                s.fe.setup_queue(0, driver)
+            os.pwrite(shm.fd.fileno(), bytes(16 * 64), 16)
+            s.fe.set_inflight_fd(shm)
+            s.fe.setup_queue(0, driver)
+            s.fe.enable_queue(0)
+            assert s.request(0, readable=[b"y"], writable=[1]) == (1, b"y")
+            assert s.backend.stats()["inflight_resubmitted"] == 0
+        finally:
+            shm.close()

@@ -94,7 +94,7 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
     resubmitted: list[int] = []
     try:
         first = start_backend()
-        first.wait_listening()
+        first.wait_listening(timeout=600)  # a cold numba cache compiles for minutes
         with GuestVM(vhost_user_blk_args(sock, 0, num_queues=1, reconnect=1), cpus=1) as vm:
             try:
                 timings["boot"] = vm.boot_seconds or 0.0

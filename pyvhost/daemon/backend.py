@@ -799,7 +799,12 @@ class Backend:
         q = vr.queue
         try:
             rec = q.inflight.recover(q.next_used, q.size)
+            avail = q.avail_idx(self.memory.table)
+            if (avail - rec.next_avail) & 0xFFFF > q.size:  # more in flight than was offered
+                raise InflightError(f"{len(rec.resubmit)} requests in flight, but the driver "
+                                    f"has {(avail - q.next_used) & 0xFFFF} past the used index")
         except InflightError as exc:
+            q.inflight.forget_resubmissions()
             raise RequestRefused(f"queue {vr.index}: inflight region unusable: {exc}") from exc
         if rec.next_avail != q.next_avail:
             log.info("%s: queue %d: base %d -> next avail %d from the inflight region",

@@ -152,6 +152,11 @@ class InflightRing:
         """Stop tracking and drop every view of the region (it may then be unmapped)."""
         self.views = NO_INFLIGHT
 
+    def forget_resubmissions(self) -> None:
+        """Drop the resubmit list (a region found inconsistent with its ring)."""
+        state = self.views[3]
+        state[S_RESUBMIT_POS] = state[S_RESUBMIT_END] = 0
+
     @property
     def resubmit_pending(self) -> int:
         state = self.views[3]
