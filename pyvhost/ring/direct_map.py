@@ -37,7 +37,7 @@ NO_VIEWS: RingViews = (np.zeros(0, np.uint64), np.zeros(0, np.uint16), np.zeros(
                        np.zeros(0, np.uint32))
 
 
-def _ring_bytes(table: RegionTable, addr: UserAddress, length: int,
+def ring_bytes(table: RegionTable, addr: UserAddress, length: int,
                 align: int) -> np.ndarray | str:
     seg = table.contiguous_user_range(addr, length)
     if seg is None:
@@ -58,7 +58,7 @@ def build_direct_map(table: RegionTable, size: int, desc: UserAddress, avail: Us
     for name, addr, length, align in (("descriptor table", desc, desc_table_size(size), 16),
                                       ("avail ring", avail, avail_ring_size(size), 2),
                                       ("used ring", used, used_ring_size(size), 4)):
-        got = _ring_bytes(table, addr, length, align)
+        got = ring_bytes(table, addr, length, align)
         if isinstance(got, str):
             return f"{name} at 0x{addr:x} {got}"
         parts[name] = got

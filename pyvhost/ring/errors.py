@@ -22,6 +22,7 @@ class RingErrorCode(IntEnum):
     INDIRECT_NOT_NEGOTIATED = 13
     RX_NOT_WRITABLE = 14      # IN_ORDER: an RX buffer with no writable byte amid a frame's buffers
     DEVICE_FAILED = 15        # the device's own code raised while serving the queue (our side)
+    PACKED_NOT_AVAIL = 16     # packed ring: NEXT into a descriptor that is not available
 
 
 _MESSAGES = {
@@ -41,6 +42,8 @@ _MESSAGES = {
     RingErrorCode.RX_NOT_WRITABLE: "receive buffer at head {info} has no device-writable byte, "
                                    "amid a frame's buffers (IN_ORDER: cannot be returned apart)",
     RingErrorCode.DEVICE_FAILED: "the device failed while serving the queue",
+    RingErrorCode.PACKED_NOT_AVAIL: "descriptor {info} continues a chain but is not available "
+                                    "(packed ring)",
 }
 
 

@@ -55,13 +55,26 @@ Q_LOG_USED_LO = 17      # used-ring bytes [lo, hi) written since the last flush 
 Q_LOG_USED_HI = 18      # the ring's start; hi <= lo: none), logged at Q_LOG_USED
 Q_LOG_CACHE = 19        # the log cache: (64-page word of the log, page bits) pairs
 LOG_CACHE_ENTRIES = 64  # a burst of 256 RX frames in packed 1.5 KiB buffers spans ~2 words
-QSTATE_LEN = Q_LOG_CACHE + 2 * LOG_CACHE_ENTRIES
+# Packed rings only (F_PACKED; packed_kernels.py says what they hold).
+Q_AVAIL_WRAP = Q_LOG_CACHE + 2 * LOG_CACHE_ENTRIES
+Q_USED_WRAP = Q_AVAIL_WRAP + 1
+Q_BATCH_SLOT = Q_AVAIL_WRAP + 2
+Q_BATCH_WORD = Q_AVAIL_WRAP + 3
+QSTATE_LEN = Q_AVAIL_WRAP + 4
+# A packed queue's state array goes on with one slot per ring entry (qstate_len).
+Q_CHAIN_SLOTS = QSTATE_LEN
 
 F_EVENT_IDX = 1
 F_INDIRECT = 2
 F_DIRECT = 4
 F_IN_ORDER = 8          # VIRTIO_F_IN_ORDER negotiated: buffers must be used in ring order (2.7.9)
 F_LOG_USED = 16         # VHOST_VRING_F_LOG: log used-ring writes at Q_LOG_USED (while logging)
+F_PACKED = 32           # VIRTIO_F_RING_PACKED: the primitives branch to packed_kernels
+
+
+def qstate_len(size: int) -> int:
+    """Length of a queue state array for a ring of `size` entries (either layout)."""
+    return QSTATE_LEN + size
 
 SPACE_GPA = 0
 SPACE_USER = 1
@@ -476,6 +489,8 @@ def write_avail_event(mem, q, views, idx):
 @kernel
 def avail_count(mem, q, views):
     """Chains the driver has made available past next_avail; -1 (queue broken) on bad input."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.avail_count(mem, q, views)
     idx, ok = read_avail_idx(mem, q, views)
     if not ok:
         fail(q, E.RING_UNMAPPED, q[Q_AVAIL])
@@ -496,6 +511,8 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     Returns (head, new_seg_pos, total_len). head == -1: the queue is broken (q[Q_ERROR] set);
     head == -2: the segment arrays are full (nothing consumed, try again with room).
     """
+    if q[Q_FLAGS] & F_PACKED:
+        return P.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos)
     size = q[Q_SIZE]
     slot = q[Q_NEXT_AVAIL] & (size - 1)
     head, ok = read_avail_slot(mem, q, views, slot)
@@ -666,6 +683,9 @@ def pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end, s
     exactly the same chains. The caller has F_DIRECT set and n <= avail_count() (after its
     acquire fence). Returns the number popped; q's next_avail and chain count follow.
     """
+    if q[Q_FLAGS] & F_PACKED:
+        return P.pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end,
+                                   seg_addr, seg_len, seg_flags, hosts)
     n = min(n, heads.shape[0], chain_end.shape[0], seg_addr.shape[0], seg_len.shape[0],
             seg_flags.shape[0], hosts.shape[0])
     if mem[KM_GPA_START].shape[0] == 0:
@@ -726,6 +746,8 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     whose checks report whatever is wrong). The caller has F_DIRECT set and avail_count() > 0.
     Returns (head, host address, guest-physical address).
     """
+    if q[Q_FLAGS] & F_PACKED:
+        return P.pop_lone_writable_direct(mem, q, views, min_len)
     if mem[KM_GPA_START].shape[0] == 0:
         return -1, 0, 0
     size = q[Q_SIZE]
@@ -749,6 +771,8 @@ def rearm_past_avail(mem, q, views):
     visible). Setting avail_event to next_avail instead would miss that kick when buffers were
     available but too few (as Linux vhost_enable_notify). Returns the chains available, or -1
     if the queue broke."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.rearm_past_avail(mem, q, views)
     if not (q[Q_FLAGS] & F_EVENT_IDX):
         return 0
     idx, ok = read_avail_idx(mem, q, views)
@@ -763,6 +787,9 @@ def rearm_past_avail(mem, q, views):
 def rewind(q, n):
     """Give back the last n popped chains: the driver cannot tell, since the device only read
     them (virtqueue "unpop", as libvhost-user's vu_queue_rewind)."""
+    if q[Q_FLAGS] & F_PACKED:
+        P.rewind(q, n)
+        return
     q[Q_NEXT_AVAIL] = (q[Q_NEXT_AVAIL] - n) & 0xFFFF
     q[Q_CHAINS] -= n
 
@@ -770,6 +797,8 @@ def rewind(q, n):
 @inlined_kernel
 def add_used(mem, q, views, head, length):
     """Write one used element at next_used (not yet published)."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.add_used(mem, q, views, head, length)
     size = q[Q_SIZE]
     if head < 0 or head >= size:
         fail(q, E.USED_ID_OUT_OF_RANGE, head)
@@ -786,6 +815,8 @@ def publish_used(mem, q, views):
     """Make the written used elements visible: used->idx after the elements (2.7.8). While
     logging, the bits of every page written so far are set first (DPDK syncs its log cache
     there too), and used->idx's own after it."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.publish_used(mem, q, views)
     log_flush(mem, q)
     fence_release()
     if not write_used_idx(mem, q, views, q[Q_NEXT_USED]):
@@ -797,6 +828,8 @@ def publish_used(mem, q, views):
 @kernel
 def needs_interrupt(mem, q, views):
     """Should the device notify the driver now? (2.7.10, vring_need_event; Linux vhost_notify)."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.needs_interrupt(mem, q, views)
     # used->idx must be globally visible before we read the driver's suppression state,
     # or both sides can decide the other will act (a lost interrupt).
     fence_seq_cst()
@@ -819,6 +852,9 @@ def needs_interrupt(mem, q, views):
 @kernel
 def disable_notification(mem, q, views):
     """Ask the driver not to kick (we are polling). With event idx: leave avail_event behind."""
+    if q[Q_FLAGS] & F_PACKED:
+        P.disable_notification(mem, q, views)
+        return
     q[Q_NOTIFY_OFF] = 1
     if not (q[Q_FLAGS] & F_EVENT_IDX):
         write_used_flags(mem, q, views, VRING_USED_F_NO_NOTIFY)
@@ -827,6 +863,8 @@ def disable_notification(mem, q, views):
 @kernel
 def enable_notification(mem, q, views):
     """Ask for kicks again; True if buffers arrived meanwhile (then keep polling: 2.7.10)."""
+    if q[Q_FLAGS] & F_PACKED:
+        return P.enable_notification(mem, q, views)
     q[Q_NOTIFY_OFF] = 0
     if q[Q_FLAGS] & F_EVENT_IDX:
         write_avail_event(mem, q, views, q[Q_NEXT_AVAIL])
@@ -849,3 +887,7 @@ def push_used_burst(mem, q, views, heads, lens, n):
     if not publish_used(mem, q, views):
         return -1
     return 1 if needs_interrupt(mem, q, views) else 0
+
+
+# The packed ring's primitives, which those above branch to (they use this module's helpers).
+from pyvhost.ring import packed_kernels as P  # noqa: E402

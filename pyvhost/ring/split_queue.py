@@ -285,9 +285,7 @@ class SplitQueue:
             return d.views
         if self.metadata_access != "copy" and self.addresses_set:
             if self._last_copy_table is not table:  # don't retry a failed build every round
-                built = build_direct_map(table, self.size, UserAddress(int(self.q[K.Q_DESC])),
-                                         UserAddress(int(self.q[K.Q_AVAIL])),
-                                         UserAddress(int(self.q[K.Q_USED])), self._generation)
+                built = self._build_direct(table)
                 if isinstance(built, DirectMap):
                     self._direct = built
                     self.q[K.Q_FLAGS] |= K.F_DIRECT
@@ -297,6 +295,11 @@ class SplitQueue:
         self.q[K.Q_FLAGS] &= ~K.F_DIRECT
         self.stats.copy_rounds += 1
         return NO_VIEWS
+
+    def _build_direct(self, table: RegionTable) -> DirectMap | str:
+        return build_direct_map(table, self.size, UserAddress(int(self.q[K.Q_DESC])),
+                                UserAddress(int(self.q[K.Q_AVAIL])),
+                                UserAddress(int(self.q[K.Q_USED])), self._generation)
 
     def _note_copy_reason(self, reason: str, table: RegionTable) -> None:
         self._last_copy_table = table

@@ -12,8 +12,10 @@ from pyvhost.memory.address import UserAddress
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.memory.region import RegionSpec
 from pyvhost.ring.split_queue import SplitQueue
+from pyvhost.ring.virtqueue import Virtqueue
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
+from pyvhost.testing.packed_driver import MockPackedQueue
 
 
 def region_specs(ram: GuestRam) -> list[tuple[RegionSpec, OwnedFd]]:
@@ -28,10 +30,13 @@ def backend_memory(ram: GuestRam, memory: GuestMemory | None = None) -> GuestMem
     return memory
 
 
-def device_queue(driver: MockSplitQueue, memory: GuestMemory, *, index: int = 0,
-                 metadata_access: str = "auto", indirect: bool = True,
+def device_queue(driver: MockSplitQueue | MockPackedQueue, memory: GuestMemory, *,
+                 index: int = 0, metadata_access: str = "auto", indirect: bool = True,
                  max_burst: int = 256) -> SplitQueue:
-    """A device-side queue configured as SET_VRING_NUM/ADDR/BASE would, listening to memory."""
+    """A device-side queue configured as SET_VRING_NUM/ADDR/BASE would, listening to memory
+    (a packed one, a `Virtqueue` with VIRTIO_F_RING_PACKED, for a MockPackedQueue)."""
+    if isinstance(driver, MockPackedQueue):
+        return _packed_device_queue(driver, memory, index, metadata_access, indirect, max_burst)
     queue = SplitQueue(index, metadata_access, max_burst=max_burst)
     queue.set_size(driver.size)
     user = driver.ring_addresses().user
@@ -39,6 +44,20 @@ def device_queue(driver: MockSplitQueue, memory: GuestMemory, *, index: int = 0,
                         UserAddress(user.used_ring))
     queue.set_features(event_idx=driver.event_idx, indirect=indirect)
     queue.set_next_avail(driver.initial_avail_idx)
+    queue.sync_used_from_ring(memory.table)
+    memory.add_listener(queue.on_memory_change)
+    return queue
+
+
+def _packed_device_queue(driver: MockPackedQueue, memory: GuestMemory, index: int,
+                         metadata_access: str, indirect: bool, max_burst: int) -> Virtqueue:
+    queue = Virtqueue(index, metadata_access, max_burst=max_burst)
+    queue.set_features(event_idx=driver.event_idx, indirect=indirect, packed=True)
+    queue.set_size(driver.size)
+    user = driver.ring_addresses().user
+    queue.set_addresses(UserAddress(user.desc_table), UserAddress(user.avail_ring),
+                        UserAddress(user.used_ring))
+    queue.set_base(driver.vring_base)
     queue.sync_used_from_ring(memory.table)
     memory.add_listener(queue.on_memory_change)
     return queue
