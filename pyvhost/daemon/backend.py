@@ -80,13 +80,10 @@ from pyvhost.ring.layout import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
-    avail_ring_size,
-    desc_table_size,
-    is_valid_queue_size,
-    used_ring_size,
 )
 from pyvhost.ring.inflight import InflightError, queue_region_size
-from pyvhost.ring.split_queue import SplitQueue
+from pyvhost.ring.packed_layout import VIRTIO_F_RING_PACKED
+from pyvhost.ring.virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +104,7 @@ BASE_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.BACKEND_REQ.mask | P.
 # EVENT_IDX to SET_FEATURES without looking at GET_FEATURES; refusing them left the guest
 # waiting for used buffers it never kicked for.
 TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-                      | (1 << VIRTIO_RING_F_EVENT_IDX))
+                      | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_RING_PACKED))
 # Reserved transport feature bits (24..40): a frontend that passes one we did not offer gets it
 # ignored with a warning instead of a refusal (a device-type bit not offered is refused).
 TRANSPORT_BIT_RANGE = ((1 << 41) - 1) & ~((1 << 24) - 1)
@@ -151,7 +148,7 @@ class Backend:
         self.options = options
         self.protocol = BackendProtocol()
         self.memory = GuestMemory(grace_timeout=options.grace_timeout)
-        self.vrings = [Vring(i, SplitQueue(i, options.metadata_access, options.max_burst))
+        self.vrings = [Vring(i, Virtqueue(i, options.metadata_access, options.max_burst))
                        for i in range(device.num_queues)]
         for vr in self.vrings:
             self.memory.add_listener(vr.queue.on_memory_change)
@@ -315,7 +312,8 @@ class Backend:
             for vr in self.vrings:
                 vr.queue.set_features(event_idx=bool(value >> VIRTIO_RING_F_EVENT_IDX & 1),
                                       indirect=bool(value >> VIRTIO_RING_F_INDIRECT_DESC & 1),
-                                      in_order=bool(value >> VIRTIO_F_IN_ORDER & 1))
+                                      in_order=bool(value >> VIRTIO_F_IN_ORDER & 1),
+                                      packed=bool(value >> VIRTIO_F_RING_PACKED & 1))
 
     @property
     def _protocol_features_negotiated(self) -> bool:
@@ -422,9 +420,10 @@ class Backend:
         assert isinstance(msg.payload, VringState)
         vr = self._vring(msg.payload.index)
         size = msg.payload.num
-        if not is_valid_queue_size(size) or size > self.device.max_queue_size:
-            raise RequestRefused(f"queue {vr.index}: size {size} is not a power of two "
-                                 f"<= {self.device.max_queue_size}")
+        if not vr.queue.valid_size(size) or size > self.device.max_queue_size:
+            kind = "in 1.." if vr.queue.packed else "a power of two <= "
+            raise RequestRefused(f"queue {vr.index}: size {size} is not {kind}"
+                                 f"{self.device.max_queue_size}")
         with self._paused([vr]):
             vr.queue.set_size(size)
 
@@ -433,7 +432,7 @@ class Backend:
         assert isinstance(a, VringAddr)
         vr = self._vring(a.index)
         if len(self.memory.table):
-            self._check_mapped(vr.index, vr.queue.size, a.desc, a.avail, a.used)
+            self._check_mapped(vr, vr.queue.size, a.desc, a.avail, a.used)
         log_used = a.flags & (1 << VHOST_VRING_F_LOG)
         with self._paused([vr]):
             try:
@@ -458,25 +457,23 @@ class Backend:
                 with self._paused([vr]):
                     vr.queue.set_used_log(gpa)
 
-    def _check_mapped(self, index: int, size: int, desc: int, avail: int, used: int) -> None:
+    def _check_mapped(self, vr: Vring, size: int, desc: int, avail: int, used: int) -> None:
         size = max(size, 1)  # before SET_VRING_NUM: at least the ring's first entry
-        for name, addr, length in (("descriptor table", desc, desc_table_size(size)),
-                                   ("avail ring", avail, avail_ring_size(size)),
-                                   ("used ring", used, used_ring_size(size))):
+        for name, addr, length, _align in vr.queue.ring_parts(size, desc, avail, used):
             try:
                 self.memory.table.translate_user(addr, length)  # type: ignore[arg-type]
             except AddressNotMappedError as exc:
-                raise RequestRefused(f"queue {index}: {name} at 0x{addr:x} (+{length}) is "
+                raise RequestRefused(f"queue {vr.index}: {name} at 0x{addr:x} (+{length}) is "
                                      "outside every memory region") from exc
 
     def _set_vring_base(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringState)
         vr = self._vring(msg.payload.index)
-        if msg.payload.num > 0xFFFF:
-            raise RequestRefused(f"queue {vr.index}: base {msg.payload.num:#x} is not a split "
-                                 "ring index (packed rings are not supported)")
         with self._paused([vr]):
-            vr.queue.set_next_avail(msg.payload.num)
+            try:
+                vr.queue.set_base(msg.payload.num)  # split: 16 bits; packed: 32 (both wraps)
+            except ValueError as exc:
+                raise RequestRefused(str(exc)) from exc
 
     def _get_vring_base(self, msg: Message) -> Payload:
         assert isinstance(msg.payload, VringState)
@@ -487,11 +484,10 @@ class Backend:
         vr = self.vrings[index]
         self._finish_available(vr, "GET_VRING_BASE")
         self._stop_ring(vr)
-        log.info("%s: GET_VRING_BASE queue %d: next avail %d", self.name, index,
-                 vr.queue.next_avail)
+        log.info("%s: GET_VRING_BASE queue %d: %#x", self.name, index, vr.queue.base)
         if self.log_fd is not None and self.memory.log_all:
             self.log_fd.signal()  # every bit of this ring is set (its bursts flushed them)
-        return VringState(index, vr.queue.next_avail)
+        return VringState(index, vr.queue.base)
 
     def _set_vring_kick(self, msg: Message) -> None:
         assert isinstance(msg.payload, VringFd)
@@ -544,12 +540,15 @@ class Backend:
                                  "SET_VRING_ADDR")
         if q.broken:
             raise RequestRefused(f"queue {vr.index}: broken ({q.error_text()}); reset it first")
-        self._check_mapped(vr.index, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
+        self._check_mapped(vr, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
                            int(q.q[K.Q_USED]))
         # Continue from the used index the guest's memory holds (a ring restarted after
         # GET_VRING_BASE, or a reconnect, must not rewind it); a base that disagrees with a
         # ring the frontend kept across our restart resumes from used->idx (DPDK does too).
-        resync = q.sync_used_from_ring(self.memory.table)
+        try:
+            resync = q.sync_used_from_ring(self.memory.table)
+        except ValueError as exc:
+            raise RequestRefused(str(exc)) from exc
         if resync is not None:
             (log.warning if resync.resumed else log.error)(
                 "%s: queue %d: %s", self.name, vr.index, resync.describe())
@@ -586,20 +585,22 @@ class Backend:
         if not (vr.running and self.device.runs_when_disabled(vr.index)):
             return
         try:
-            target = q.avail_idx(self.memory.table)
+            target = q.avail_target(self.memory.table)
         except AddressNotMappedError:
             return  # the worker breaks the ring and says why
-        pending = (target - q.next_avail) & 0xFFFF
+        if target is None:
+            return
+        pending = q.pending(target)
         if pending == 0 or pending > q.size:
             return  # nothing to do, or an index the worker will refuse
         self._worker_of[vr.index].wake()
         start = time.monotonic()
         delay = 0.0
-        while vr.running and not q.broken and 0 < (target - q.next_avail) & 0xFFFF <= q.size:
+        while vr.running and not q.broken and 0 < q.pending(target) <= q.size:
             if time.monotonic() - start > self.options.grace_timeout:
                 log.warning("%s: queue %d: %d chains made available before %s not consumed "
                             "within %.1fs", self.name, vr.index,
-                            (target - q.next_avail) & 0xFFFF, why, self.options.grace_timeout)
+                            q.pending(target), why, self.options.grace_timeout)
                 return
             time.sleep(delay)  # releases the GIL to the worker
             delay = min(delay * 2 or 10e-6, 1e-3)
@@ -874,6 +875,7 @@ class Backend:
             s["log_sync_passes"] = self.self_log.passes
         s["requests"] = self.requests
         s["requests_refused"] = self.refused
+        s["features"] = self.features  # negotiated: split or packed, event idx, in order...
         return s
 
     def close(self) -> None:

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 
 from pyvhost.daemon.eventfd import EventFd
 from pyvhost.device import RequestRunner
-from pyvhost.ring.split_queue import SplitQueue
+from pyvhost.ring.virtqueue import Virtqueue
 
 
 @dataclass(eq=False)
 class Vring:
     index: int
-    queue: SplitQueue
+    queue: Virtqueue
     kick: EventFd | None = None
     call: EventFd | None = None
     err: EventFd | None = None

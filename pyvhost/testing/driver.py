@@ -328,6 +328,15 @@ class MockSplitQueue:
     def avail_event(self) -> int:
         return self._r16(self.used_ring + used_avail_event_offset(self.size))
 
+    def has_used(self) -> bool:
+        """Whether the device has used elements that used() has not collected."""
+        return self.used_idx() != self.last_used
+
+    @property
+    def vring_base(self) -> int:
+        """What a front-end sends in SET_VRING_BASE for this ring."""
+        return self.initial_avail_idx
+
     @property
     def num_free(self) -> int:
         return len(self._free)

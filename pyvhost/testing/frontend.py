@@ -53,6 +53,7 @@ from pyvhost.protocol import (
 )
 from pyvhost.protocol.codec import HEADER, frontend_reply_spec
 from pyvhost.testing.driver import MockSplitQueue, RingAddresses
+from pyvhost.testing.packed_driver import MockPackedQueue
 from pyvhost.testing.guest_ram import GuestRam, Region
 
 R = FrontendRequest
@@ -132,7 +133,7 @@ class InflightShm:
 
 @dataclass(slots=True)
 class _Queue:
-    driver: MockSplitQueue
+    driver: MockSplitQueue | MockPackedQueue
     kick: OwnedFd | None
     call: OwnedFd | None
     rx_partial: list[bytes] = field(default_factory=list)  # a mergeable frame still arriving
@@ -344,7 +345,7 @@ class VhostUserFrontend:
 
     # -- queues --------------------------------------------------------------------------------
 
-    def setup_queue(self, index: int, driver: MockSplitQueue, *, kick: bool = True,
+    def setup_queue(self, index: int, driver: MockSplitQueue | MockPackedQueue, *, kick: bool = True,
                     call: bool = True) -> None:
         """SET_VRING_NUM, _ADDR (the driver's user addresses), _BASE, _CALL, then _KICK, which
         starts the ring. kick/call False send NOFD (the back-end polls / does not notify)."""
@@ -353,7 +354,7 @@ class VhostUserFrontend:
         self._queues[index] = q  # owned from here, so close() reaches the new eventfds
         self._acked(R.SET_VRING_NUM, VringState(index, driver.size))
         self.set_vring_addr(index)
-        self._acked(R.SET_VRING_BASE, VringState(index, driver.initial_avail_idx))
+        self._acked(R.SET_VRING_BASE, VringState(index, driver.vring_base))
         self._acked(R.SET_VRING_CALL, VringFd(index, q.call is None), _fds(q.call))
         self._acked(R.SET_VRING_KICK, VringFd(index, q.kick is None), _fds(q.kick))
         if old is not None:  # the back-end has its own copies of the fds it replaced
@@ -404,7 +405,7 @@ class VhostUserFrontend:
             raise FrontendTimeout(f"no call on queue {index} within {self._timeout(timeout)} s")
         return os.eventfd_read(q.call.fileno())
 
-    def driver(self, index: int) -> MockSplitQueue:
+    def driver(self, index: int) -> MockSplitQueue | MockPackedQueue:
         return self._queue(index).driver
 
     # -- virtio-net ----------------------------------------------------------------------------
@@ -528,7 +529,7 @@ class VhostUserFrontend:
     def _wait_used(self, q: _Queue, deadline: float, what: str) -> None:
         """Return once used->idx moves past what used() consumed. The call eventfd wakes us
         when the back-end notifies; polling covers suppressed notifications and NOFD."""
-        while q.driver.used_idx() == q.driver.last_used:
+        while not q.driver.has_used():
             if time.monotonic() >= deadline:
                 raise FrontendTimeout(f"{what}: no used buffers before the deadline")
             if q.call is None:

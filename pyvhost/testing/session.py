@@ -21,8 +21,10 @@ from pyvhost.daemon.server import Server
 from pyvhost.device import Device
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.ring.layout import VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX
+from pyvhost.ring.packed_layout import VIRTIO_F_RING_PACKED
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.frontend import VhostUserFrontend
+from pyvhost.testing.packed_driver import MockPackedQueue
 from pyvhost.testing.guest_ram import GuestRam
 
 MiB = 1 << 20
@@ -71,9 +73,15 @@ class DeviceSession:
     def device(self) -> Any:
         return self.backend.device
 
-    def start_queue(self, index: int, size: int = 64, *, enable: bool = True) -> MockSplitQueue:
+    def start_queue(self, index: int, size: int = 64, *, enable: bool = True
+                    ) -> MockSplitQueue | MockPackedQueue:
+        """A ring of the layout negotiated (packed if `features` had VIRTIO_F_RING_PACKED)."""
         event_idx = bool(self.negotiated.features >> VIRTIO_RING_F_EVENT_IDX & 1)
-        driver = MockSplitQueue(self.ram, size, event_idx=event_idx)
+        driver: MockSplitQueue | MockPackedQueue
+        if self.negotiated.features >> VIRTIO_F_RING_PACKED & 1:
+            driver = MockPackedQueue(self.ram, size, event_idx=event_idx)
+        else:
+            driver = MockSplitQueue(self.ram, size, event_idx=event_idx)
         self.fe.setup_queue(index, driver)
         if enable:
             self.fe.enable_queue(index)
@@ -96,7 +104,7 @@ class DeviceSession:
         deadline = time.monotonic() + timeout
         got: list[tuple[int, int]] = []
         while len(got) < count:
-            if d.used_idx() != d.last_used:
+            if d.has_used():
                 got.extend(d.used())
                 continue
             if time.monotonic() > deadline:
