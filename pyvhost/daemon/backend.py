@@ -80,6 +80,7 @@ from pyvhost.ring.layout import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    is_valid_queue_size,
 )
 from pyvhost.ring.inflight import InflightError, queue_region_size
 from pyvhost.ring.packed_layout import VIRTIO_F_RING_PACKED
@@ -552,6 +553,11 @@ class Backend:
         if resync is not None:
             (log.warning if resync.resumed else log.error)(
                 "%s: queue %d: %s", self.name, vr.index, resync.describe())
+        if q.inflight.enabled and q.packed:
+            # The area's layout is split's (ring/inflight.py); packed tracking is not built.
+            log.warning("%s: queue %d: packed ring: requests in flight are not tracked",
+                        self.name, vr.index)
+            q.inflight.detach()
         if q.inflight.enabled:
             self._recover_inflight(vr)
         if vr.runner is not None:
