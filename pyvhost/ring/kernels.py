@@ -632,14 +632,27 @@ def pop_burst_hosts(mem, q, views, max_chains, min_len, first_read, heads, chain
     The chains and segments are the same as pop_burst's on either path."""
     if q[Q_ERROR] != 0:
         return -1
-    n = avail_count(mem, q, views)
-    if n < 0:
-        return -1
-    n = min(n, max_chains, hosts.shape[0])
-    done = 0
-    if q[Q_FLAGS] & F_DIRECT:
+    if q[Q_FLAGS] & F_PACKED and q[Q_FLAGS] & F_DIRECT:
+        # A packed ring's fast path tests each descriptor's flags itself: the ring is scanned
+        # (avail_count) only for the chains it leaves.
+        n = min(max_chains, hosts.shape[0])
         done = pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end,
                                  seg_addr, seg_len, seg_flags, hosts)
+        if done == n:
+            return done
+        more = avail_count(mem, q, views)
+        if more < 0:
+            return -1
+        n = min(n, done + more)
+    else:
+        n = avail_count(mem, q, views)
+        if n < 0:
+            return -1
+        n = min(n, max_chains, hosts.shape[0])
+        done = 0
+        if q[Q_FLAGS] & F_DIRECT:
+            done = pop_simple_direct(mem, q, views, n, min_len, first_read, heads, chain_end,
+                                     seg_addr, seg_len, seg_flags, hosts)
     popped = pop_chains(mem, q, views, n, done, heads, chain_end, seg_addr, seg_len, seg_flags)
     if popped > done:
         hosts[done:popped] = 0
