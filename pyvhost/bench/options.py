@@ -15,7 +15,13 @@ TX_CONTENDERS = (PYVHOST_COPY, PYVHOST_DIRECT, DPDK_VHOST)
 PYVHOST_COPY_LOG = "pyvhost-copy-log"
 PYVHOST_DIRECT_LOG = "pyvhost-direct-log"
 LOGGING_OF = {PYVHOST_COPY_LOG: PYVHOST_COPY, PYVHOST_DIRECT_LOG: PYVHOST_DIRECT}
-ALL_CONTENDERS = TX_CONTENDERS + tuple(LOGGING_OF)
+# The same backends over packed virtqueues (virtio-user `packed_vq=1`; `--packed`).
+PYVHOST_COPY_PACKED = "pyvhost-copy-packed"
+PYVHOST_DIRECT_PACKED = "pyvhost-direct-packed"
+DPDK_VHOST_PACKED = "dpdk-vhost-packed"
+PACKED_OF = {PYVHOST_COPY_PACKED: PYVHOST_COPY, PYVHOST_DIRECT_PACKED: PYVHOST_DIRECT,
+             DPDK_VHOST_PACKED: DPDK_VHOST}
+ALL_CONTENDERS = TX_CONTENDERS + tuple(LOGGING_OF) + tuple(PACKED_OF)
 DEFAULT_OUT_DIR = "bench/results"  # ignored by git
 
 
@@ -40,6 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "with it (`pyvhost net --bench-log-all`: every page written is "
                              "logged as during a live migration, into a private log cleared "
                              "every 10 ms; virtio-user cannot turn LOG_ALL on itself)")
+    parser.add_argument("--packed", action="store_true",
+                        help="also each of pyvhost copy, pyvhost direct and DPDK's vhost PMD "
+                             "over packed virtqueues (virtio-user packed_vq=1), alternated "
+                             "with the split ones")
     parser.add_argument("--no-rx", action="store_true", help="skip the RX direction")
     parser.add_argument("--no-loopback", action="store_true",
                         help="skip the loopback runs (pyvhost --source loopback vs the vhost PMD "

@@ -50,9 +50,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pyvhost.bench.options import (ALL_CONTENDERS, DPDK_VHOST, LOGGING_OF, PYVHOST_COPY,
-                                   PYVHOST_COPY_LOG, PYVHOST_DIRECT, PYVHOST_DIRECT_LOG,
-                                   TX_CONTENDERS, add_arguments)
+from pyvhost.bench.options import (ALL_CONTENDERS, DPDK_VHOST, DPDK_VHOST_PACKED, LOGGING_OF,
+                                   PACKED_OF, PYVHOST_COPY, PYVHOST_COPY_LOG,
+                                   PYVHOST_COPY_PACKED, PYVHOST_DIRECT, PYVHOST_DIRECT_LOG,
+                                   PYVHOST_DIRECT_PACKED, TX_CONTENDERS, add_arguments)
 from pyvhost.testing import testbed as tb
 
 # -- contenders ---------------------------------------------------------------------------------
@@ -81,9 +82,14 @@ for (_direction, _contender), _label in list(ROW_LABELS.items()):
             ROW_LABELS[(_direction, _logged)] = (
                 _label.split(": ", 1)[1].replace("`--metadata", "`--bench-log-all --metadata")
                 + " — dirty logging on †")
+    for _packed, _split in PACKED_OF.items():
+        if _contender == _split:
+            ROW_LABELS[(_direction, _packed)] = (
+                _label.split(": ", 1)[1] + " — packed ring (`packed_vq=1`)")
 SHORT_LABELS = {PYVHOST_COPY: "pyvhost copy", PYVHOST_DIRECT: "pyvhost direct",
                 DPDK_VHOST: "DPDK vhost PMD", PYVHOST_COPY_LOG: "copy + log",
-                PYVHOST_DIRECT_LOG: "direct + log"}
+                PYVHOST_DIRECT_LOG: "direct + log", PYVHOST_COPY_PACKED: "copy packed",
+                PYVHOST_DIRECT_PACKED: "direct packed", DPDK_VHOST_PACKED: "DPDK packed"}
 LOOP_BURSTS = 64  # testpmd `start tx_first N`: bursts of 32 sent before forwarding
 
 RX_RING_SLACK = 256  # testpmd's default ring size (see measure_rx_dpdk)
@@ -366,6 +372,13 @@ class PyvhostProcess:
 # -- one measurement ----------------------------------------------------------------------------
 
 
+def _frontend(sock: Path, sample: "Sample") -> str:
+    """The virtio-user vdev of a sample's generator or sink: packed rings for the packed
+    contenders (`packed_vq=1`, in_order as by default)."""
+    return tb.virtio_user_vdev(sock, **({"packed_vq": 1} if sample.contender in PACKED_OF
+                                        else {}))
+
+
 def _lcores(cpu: int) -> str:
     return tb.testpmd_lcores(cpu, [cpu])  # main lcore (sleeps) and forwarding lcore on one CPU
 
@@ -445,7 +458,7 @@ def measure_tx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path, samp
     with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
                         _log_args(sample)) as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "txonly", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "txonly", settings.generator_cpu,
                       "bench-gen", [f"--txpkts={size}"]) as gen:
             since = phase.mark("generator_start")
             w = _measure_window(settings, since, [backend.pid, gen.pid], None)
@@ -474,7 +487,7 @@ def measure_tx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) ->
     with _testpmd(settings, tb.vhost_pmd_vdev(sock), "rxonly", settings.backend_cpu,
                   "bench-vhost") as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "txonly", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "txonly", settings.generator_cpu,
                       "bench-gen", [f"--txpkts={size}"]) as gen:
             since = phase.mark("generator_start")
             w = _measure_window(settings, since, [backend.pid, gen.pid],
@@ -502,7 +515,7 @@ def measure_rx_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
     with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
                         ["--source", f"gen:{size}", *_log_args(sample)]) as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "rxonly", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "rxonly", settings.generator_cpu,
                       "bench-sink") as sink:
             since = phase.mark("generator_start")
             w = _measure_window(settings, since, [backend.pid, sink.pid], None)
@@ -563,7 +576,7 @@ def measure_rx_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) ->
     with _testpmd(settings, tb.vhost_pmd_vdev(sock), "txonly", settings.backend_cpu,
                   "bench-vhost", [f"--txpkts={size}"]) as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "rxonly", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "rxonly", settings.generator_cpu,
                       "bench-sink") as sink:
             since = phase.mark("generator_start")
             w = _measure_window(settings, since, [backend.pid, sink.pid],
@@ -603,7 +616,7 @@ def measure_loop_pyvhost(settings: Settings, size: int, mode: str, tmp: Path,
     with PyvhostProcess(sock, stats, mode, settings.backend_cpu, settings.interval,
                         ["--source", "loopback", *_log_args(sample)]) as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "io", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "io", settings.generator_cpu,
                       "bench-loop", [f"--txpkts={size}"]) as gen:
             since = _start_looping(gen)
             phase.mark("generator_start")
@@ -626,7 +639,7 @@ def measure_loop_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) 
     with _testpmd(settings, tb.vhost_pmd_vdev(sock), "io", settings.backend_cpu,
                   "bench-vhost") as backend:
         phase.mark("backend_start")
-        with _testpmd(settings, tb.virtio_user_vdev(sock), "io", settings.generator_cpu,
+        with _testpmd(settings, _frontend(sock, sample), "io", settings.generator_cpu,
                       "bench-loop", [f"--txpkts={size}"]) as gen:
             since = _start_looping(gen)
             phase.mark("generator_start")
@@ -647,7 +660,8 @@ def measure_loop_dpdk(settings: Settings, size: int, tmp: Path, sample: Sample) 
 
 
 _PYVHOST_MODES = {PYVHOST_COPY: "copy", PYVHOST_DIRECT: "direct",  # --metadata-access
-                  PYVHOST_COPY_LOG: "copy", PYVHOST_DIRECT_LOG: "direct"}
+                  PYVHOST_COPY_LOG: "copy", PYVHOST_DIRECT_LOG: "direct",
+                  PYVHOST_COPY_PACKED: "copy", PYVHOST_DIRECT_PACKED: "direct"}
 _MEASURE_PYVHOST = {"tx": measure_tx_pyvhost, "rx": measure_rx_pyvhost,
                     "loop": measure_loop_pyvhost}
 _MEASURE_DPDK = {"tx": measure_tx_dpdk, "rx": measure_rx_dpdk, "loop": measure_loop_dpdk}
@@ -664,7 +678,8 @@ def run_sample(settings: Settings, sample: Sample, tmp: Path) -> Sample:
             measure(settings, sample.packet_size, sample.contender, tmp, sample)
         elif mode is not None and sample.direction in _MEASURE_PYVHOST:
             _MEASURE_PYVHOST[sample.direction](settings, sample.packet_size, mode, tmp, sample)
-        elif sample.contender == DPDK_VHOST and sample.direction in _MEASURE_DPDK:
+        elif sample.contender in (DPDK_VHOST, DPDK_VHOST_PACKED) and \
+                sample.direction in _MEASURE_DPDK:
             _MEASURE_DPDK[sample.direction](settings, sample.packet_size, tmp, sample)
         else:
             raise ValueError(f"no measurement for {sample.direction} {sample.contender}")
@@ -770,7 +785,18 @@ def ratios(summary: dict, sizes: Sequence[int], direction: str = "tx"
             "copy log on/off": {str(s): ratio(PYVHOST_COPY_LOG, PYVHOST_COPY, s) for s in sizes},
             "copy log on/off per cpu": {
                 str(s): ratio(PYVHOST_COPY_LOG, PYVHOST_COPY, s, "per_cpu_median")
-                for s in sizes}}
+                for s in sizes},
+            "packed direct/copy": {str(s): ratio(PYVHOST_DIRECT_PACKED, PYVHOST_COPY_PACKED, s)
+                                   for s in sizes},
+            "packed direct/dpdk": {str(s): ratio(PYVHOST_DIRECT_PACKED, DPDK_VHOST_PACKED, s)
+                                   for s in sizes},
+            "packed direct/dpdk best": {
+                str(s): ratio(PYVHOST_DIRECT_PACKED, DPDK_VHOST_PACKED, s, "max")
+                for s in sizes},
+            "direct packed/split": {str(s): ratio(PYVHOST_DIRECT_PACKED, PYVHOST_DIRECT, s)
+                                    for s in sizes},
+            "dpdk packed/split": {str(s): ratio(DPDK_VHOST_PACKED, DPDK_VHOST, s)
+                                  for s in sizes}}
 
 
 _MARKS = {"generator": "‡", "sink": "§"}
@@ -806,7 +832,13 @@ def _direction_rows(direction: str, sizes: Sequence[int], summary: dict, rat: di
                         "direct log on/off per cpu"),
                        ("dirty logging on / off (copy)", "copy log on/off"),
                        ("dirty logging on / off (copy), per backend CPU-second",
-                        "copy log on/off per cpu")):
+                        "copy log on/off per cpu"),
+                       ("packed: pyvhost direct / copy", "packed direct/copy"),
+                       ("packed: pyvhost direct / DPDK vhost PMD", "packed direct/dpdk"),
+                       ("packed: pyvhost direct / DPDK vhost PMD, best runs",
+                        "packed direct/dpdk best"),
+                       ("pyvhost direct: packed / split", "direct packed/split"),
+                       ("DPDK vhost PMD: packed / split", "dpdk packed/split")):
         if key in rat and (key in ("direct/copy", "direct/dpdk")  # always shown
                            or any(v is not None for v in rat[key].values())):
             rows.append(f"| {label} | " + " | ".join(_ratio_cell(rat[key][str(n)])
@@ -956,6 +988,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
     if getattr(args, "dirty_log", False):
         contenders += [logged for logged, plain in LOGGING_OF.items()
                        if plain in contenders and logged not in contenders]
+    if getattr(args, "packed", False):
+        contenders += [packed for packed, split in PACKED_OF.items()
+                       if split in contenders and packed not in contenders]
     hugepages = (not args.no_huge) and tb.hugepages_available(2 * args.memory_mib)
     interval = pick(args.interval, 1.0, 0.5)
     sizes = [int(n) for n in args.sizes.split(",") if n]
