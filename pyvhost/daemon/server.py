@@ -29,12 +29,23 @@ from pyvhost.daemon.unix_socket import (
     connect,
 )
 from pyvhost.device import Device
+from pyvhost.memory.table import RegionTable
 from pyvhost.protocol import RemoteProtocolError
+from pyvhost.ring.virtqueue import Virtqueue
 
 log = logging.getLogger(__name__)
 
 # Statistics that combine across connections by maximum rather than by sum.
 _MAX_KEYS = {"grace_max_s"}
+
+
+def _warm_up_packed() -> None:
+    """The packed ring's kernel the protocol thread calls (`Virtqueue.avail_target`, before a
+    net TX ring stops): compiled in the middle of a GET_VRING_BASE it would hold the reply."""
+    q = Virtqueue(0)
+    q.set_features(event_idx=False, indirect=False, packed=True)
+    q.set_size(1)
+    q.avail_target(RegionTable())
 
 
 class Server:
@@ -80,6 +91,7 @@ class Server:
         device = self.device_factory()
         t0 = time.monotonic()
         device.warm_up()
+        _warm_up_packed()
         log.debug("%s device warmed up in %.2f s", device.name, time.monotonic() - t0)
 
     def serve_forever(self) -> None:
