@@ -250,6 +250,12 @@ def test_get_inflight_fd_area_and_bad_set_inflight_fd(bed) -> None:
         for desc in bad:
             with pytest.raises(RequestFailed):
                 run.fe.set_inflight_fd(desc, run.shm.fd)
+        efd = os.eventfd(0, os.EFD_CLOEXEC)  # not a memory file at all
+        try:
+            with pytest.raises(RequestFailed):
+                run.fe.set_inflight_fd(run.shm.desc, efd)
+        finally:
+            os.close(efd)
         run.fe.set_inflight_fd(run.shm)
         run.fe.setup_queue(0, driver)
         run.fe.enable_queue(0)
@@ -375,3 +381,22 @@ def test_area_that_contradicts_the_ring_refuses_the_start(tmp_path: Path) -> Non
             assert s.backend.stats()["inflight_resubmitted"] == 0
         finally:
             shm.close()
+
+
+def test_area_of_the_frontends_own_at_an_offset(tmp_path: Path) -> None:
+    """A frontend may hand over its own memfd with the area at a (64-byte aligned) offset:
+    the queue region is tracked there, and nothing before it is touched."""
+    stride = queue_region_size(64)
+    fd = os.memfd_create("frontend-area", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, 4096 + stride)
+        os.pwrite(fd, b"\xaa" * 4096, 0)
+        with DeviceSession(TrackedEcho, tmp_path / "echo.sock", protocol=PROTOCOL) as s:
+            s.fe.set_inflight_fd(InflightDesc(stride, 4096, 1, 64), fd)
+            s.start_queue(0)
+            assert s.request(0, readable=[b"z"], writable=[1]) == (1, b"z")
+        assert os.pread(fd, 4096, 0) == b"\xaa" * 4096
+        header = os.pread(fd, 16, 4096)
+        assert header[8:10] == b"\x01\x00" and header[14:16] == b"\x01\x00"
+    finally:
+        os.close(fd)
