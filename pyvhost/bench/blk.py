@@ -300,6 +300,31 @@ def _percentile_us(lat_ns: np.ndarray, q: float) -> float | None:
     return round(float(np.percentile(lat_ns, q)) / 1e3, 2) if len(lat_ns) else None
 
 
+WARM_UP_TIMEOUT = 1800.0  # a cold numba cache on a loaded 2-CPU machine took over 10 minutes
+
+
+def warm_up_pyvhost(settings: Settings, tmp: Path) -> float:
+    """Start `pyvhost blk` once until it listens, so that its kernels are compiled (numba's
+    cache) before any sample: a cold cache would otherwise land in the first sample's start
+    and could outlast its timeout. Returns the seconds it took."""
+    started = time.monotonic()
+    print("pyvhost bench blk: warming pyvhost blk up (a cold numba cache compiles once)...",
+          file=sys.stderr, flush=True)
+    sock = tmp / "warm-up.sock"
+    size = 1 << 20
+    if settings.null_available:
+        argv = pyvhost_argv(settings, "null", None, size, sock)
+        with Backend(argv, sock, settings.backend_cpu, tmp / "warm-up.log", WARM_UP_TIMEOUT):
+            pass
+    else:
+        image = tmp / "warm-up.img"
+        image.write_bytes(bytes(size))
+        argv = pyvhost_argv(settings, "pagecache", image, size, sock)
+        with Backend(argv, sock, settings.backend_cpu, tmp / "warm-up.log", WARM_UP_TIMEOUT):
+            pass
+    return round(time.monotonic() - started, 1)
+
+
 def backend_argv(settings: Settings, contender: str, backing: str, file: Path | None,
                  size: int, sock: Path) -> list[str]:
     if contender in PYVHOSTS:
@@ -695,6 +720,8 @@ def run(args: argparse.Namespace) -> int:
     done = 0
     with _terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="pyvhost-bench-blk-") \
             as tmp, backing_files(settings) as files:
+        warm_up_s = warm_up_pyvhost(settings, Path(tmp)) if any(
+            c in settings.contenders for c in PYVHOSTS) else None
         os.sched_setaffinity(0, {settings.frontend_cpu})  # this thread runs the front-end
         try:
             for group in groups:
@@ -741,6 +768,7 @@ def run(args: argparse.Namespace) -> int:
         "summary": summary,
         "ratios": ratios(summary, settings),
         "elapsed_s": round(time.monotonic() - started, 1),
+        "pyvhost_warm_up_s": warm_up_s,
         "samples": [dataclasses.asdict(s) for s in samples],
     }
     paths = {k: out_dir / f"blk.{k}" for k in ("json", "md", "png")}
