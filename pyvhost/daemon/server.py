@@ -37,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Statistics that combine across connections by maximum rather than by sum.
 _MAX_KEYS = {"grace_max_s"}
+# ... and by the last connection's value: what it negotiated, not a sum.
+_LAST_KEYS = {"features"}
 
 
 def _warm_up_packed() -> None:
@@ -178,6 +180,8 @@ def _accumulate(totals: dict[str, Any], stats: dict[str, Any]) -> None:
             continue
         if key in _MAX_KEYS:
             totals[key] = max(totals.get(key, 0), value)
+        elif key in _LAST_KEYS:
+            totals[key] = value
         else:
             totals[key] = totals.get(key, 0) + value
 
