@@ -942,7 +942,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
                    for n in result["settings"]["tap_sizes"]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.8), squeeze=False)
     colors = {PYVHOST_COPY: "#9e9e9e", PYVHOST_DIRECT: "#1f77b4", DPDK_VHOST: "#d62728",
-              PYVHOST_COPY_LOG: "#cfcfcf", PYVHOST_DIRECT_LOG: "#8fbbd9"}
+              PYVHOST_COPY_LOG: "#cfcfcf", PYVHOST_DIRECT_LOG: "#8fbbd9",
+              PYVHOST_COPY_PACKED: "#6e6e6e", PYVHOST_DIRECT_PACKED: "#0b4f80",
+              DPDK_VHOST_PACKED: "#8c1a1b"}
     for ax, (direction, size) in zip(axes[0], panels):
         contenders = [c for c in ALL_CONTENDERS if c in result["settings"]["contenders"]]
         names, heights, lows, highs = [], [], [], []
