@@ -8,9 +8,11 @@ there and nothing touches the host's own networking. The guest pings the TAP's e
 TAP's end pings the guest (no loss either way), then the guest sends a 10 MiB file of random
 bytes over UDP with busybox's tftp client (the guest's busybox nc has no UDP) to a small TFTP
 server in the namespace; the server's MD5 of what arrived must equal the guest's. Once with
-the ring metadata on the direct map, once on the copy path. Then the guest fetches the file
-back (10 MiB through the RX path, IP fragments in mergeable buffers) and its MD5 must match
-too. Measured figures (RTT, MB/s) are printed (run with -s to see them).
+the ring metadata on the direct map, once on the copy path, each with split and with packed
+virtqueues (`virtio-net-pci,packed=on`: the guest negotiates VIRTIO_F_RING_PACKED, which
+pyvhost's --stats-json "features" and the guest's own feature bits show). Then the guest
+fetches the file back (10 MiB through the RX path, IP fragments in mergeable buffers) and its
+MD5 must match too. Measured figures (RTT, MB/s) are printed (run with -s to see them).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvhost.ring.packed_layout import VIRTIO_F_RING_PACKED
 from pyvhost.testing.testbed import (
     GuestVM,
     NetNamespace,
@@ -141,8 +144,10 @@ def no_loss(ping_output: str, count: int) -> bool:
                      ping_output) is not None
 
 
+@pytest.mark.parametrize("ring", ["split", "packed"])
 @pytest.mark.parametrize("metadata_access", ["direct", "copy"])
-def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, metadata_access):
+def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, metadata_access,
+                                                             ring):
     sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
     tap = "pvg" + unique_name("g")[-8:].replace("-", "")
     with NetNamespace() as ns:
@@ -155,8 +160,12 @@ def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, met
         try:
             wait_for_socket(sock, timeout=120)
             ns.add_address(tap, f"{HOST_IP}/24")
-            with GuestVM(vhost_user_net_args(sock)) as vm:
+            props = {"packed": "on"} if ring == "packed" else {}
+            with GuestVM(vhost_user_net_args(sock, **props)) as vm:
                 vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+                # The driver's negotiated features: one character per bit, bit 0 first.
+                guest_features = vm.run("cat /sys/class/net/eth0/device/features",
+                                        check=True).output.strip()
                 t0 = time.monotonic()
                 guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=60).output
                 host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
@@ -197,6 +206,9 @@ def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, met
     assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)
     assert back.output.split()[0] == guest_md5, back.output
     stats = json.loads(stats_path.read_text())
+    packed = ring == "packed"
+    assert bool(stats["features"] >> VIRTIO_F_RING_PACKED & 1) == packed, stats["features"]
+    assert guest_features[VIRTIO_F_RING_PACKED] == ("1" if packed else "0"), guest_features
     assert stats["queues_broken"] == 0 and stats["rx_dropped"] == 0, stats
     assert stats["tx_bytes"] > FILE_MIB << 20 and stats["rx_packets"] > 0, stats
     if metadata_access == "copy":
@@ -207,7 +219,7 @@ def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, met
     g_min, g_avg, g_max = rtt_ms(guest_ping)
     h_min, h_avg, h_max = rtt_ms(host_ping)
     mb_s = got["bytes"] / got["seconds"] / 1e6
-    print(f"\n[{metadata_access}] guest->host ping rtt min/avg/max {g_min}/{g_avg}/{g_max} ms; "
+    print(f"\n[{metadata_access}, {ring}] guest->host ping rtt min/avg/max {g_min}/{g_avg}/{g_max} ms; "
           f"host->guest {h_min}/{h_avg}/{h_max} ms; tftp put {got['bytes'] >> 20} MiB in "
           f"{got['seconds']:.1f} s = {mb_s:.2f} MB/s ({got['block_size']}-byte blocks, "
           f"{got['dups']} retransmitted); tftp get {fetched['bytes'] / fetched['seconds'] / 1e6:.2f}"

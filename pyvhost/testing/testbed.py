@@ -551,16 +551,18 @@ def guest_image_paths() -> tuple[Path, Path]:
 
 
 def vhost_user_net_args(socket_path: Path | str, index: int = 0, mac: str | None = None,
-                        server: bool = False) -> list[str]:
+                        server: bool = False, **device_props: object) -> list[str]:
     """QEMU arguments for a virtio-net-pci device backed by a vhost-user socket.
 
     vectors=0: QEMU 7.2 under TCG crashes on vhost-user virtio-net-pci with MSI-X.
     romfile='': no iPXE option ROM is needed for a -kernel boot.
+    device_props are added to -device (e.g. packed="on": the guest is offered packed rings).
     """
     chardev = f"socket,id=vhu{index},path={socket_path}" + (",server=on,wait=off" if server else "")
     device = f"virtio-net-pci,netdev=net{index},vectors=0,romfile="
     if mac:
         device += f",mac={mac}"
+    device += "".join(f",{k}={v}" for k, v in device_props.items())
     return ["-chardev", chardev, "-netdev", f"vhost-user,id=net{index},chardev=vhu{index}",
             "-device", device]
 
