@@ -138,6 +138,7 @@ class _Queue:
     call: OwnedFd | None
     rx_partial: list[bytes] = field(default_factory=list)  # a mergeable frame still arriving
     rx_buffers_left: int = 0  # its buffers still to come
+    rx_header: bytes = b""  # the virtio-net header of the frame arriving
 
 
 class VhostUserFrontend:
@@ -411,11 +412,11 @@ class VhostUserFrontend:
     # -- virtio-net ----------------------------------------------------------------------------
 
     def send_frames(self, index: int, frames: Sequence[bytes],
-                    timeout: float | None = None) -> None:
-        """Transmit each frame as one readable chain (12-byte zero header + frame), publishing
-        and kicking (when the ring asks for it) as the ring fills. Waits for completions to
-        free descriptors when needed (draining the call eventfd while it waits); returns once
-        every frame is in the ring."""
+                    timeout: float | None = None, header: bytes | None = None) -> None:
+        """Transmit each frame as one readable chain (12-byte header, zero unless `header`
+        is given, + frame), publishing and kicking (when the ring asks for it) as the ring
+        fills. Waits for completions to free descriptors when needed (draining the call
+        eventfd while it waits); returns once every frame is in the ring."""
         q, deadline = self._queue(index), self._deadline(timeout)
         pending = list(frames)
         while pending:
@@ -424,7 +425,7 @@ class VhostUserFrontend:
             if room == 0:
                 self._wait_used(q, deadline, f"TX queue {index} stayed full")
                 continue
-            zero = bytes(NET_HDR_LEN)
+            zero = bytes(NET_HDR_LEN) if header is None else header
             for frame in pending[:room]:
                 q.driver.add_chain([zero + frame], [])
             del pending[:room]
@@ -450,12 +451,16 @@ class VhostUserFrontend:
         """Frames the back-end placed in RX buffers since the last call, headers stripped.
         With MRG_RXBUF a frame spans num_buffers used buffers (5.1.6.4); a frame whose buffers
         have not all arrived is kept for the next call."""
+        return [frame for _, frame in self.received_frames_with_headers(index)]
+
+    def received_frames_with_headers(self, index: int) -> list[tuple[bytes, bytes]]:
+        """received_frames, each with its 12-byte virtio-net header: (header, frame)."""
         q = self._queue(index)
         frames = []
         for head, _ in q.driver.used():
             frame = self._rx_buffer(q, q.driver.written_data(head))
             if frame is not None:
-                frames.append(frame)
+                frames.append((q.rx_header, frame))
         return frames
 
     # -- config and status ---------------------------------------------------------------------
@@ -543,6 +548,7 @@ class VhostUserFrontend:
             if len(data) < NET_HDR_LEN:
                 raise FrontendError(f"RX buffer of {len(data)} bytes has no virtio-net header")
             q.rx_buffers_left = self._num_buffers(data)
+            q.rx_header = data[:NET_HDR_LEN]
             data = data[NET_HDR_LEN:]
         q.rx_partial.append(data)
         q.rx_buffers_left -= 1

@@ -114,6 +114,7 @@ class NetDevice(Device):
         # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
         self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
                         rx_backlog=rx_backlog, max_burst=max_burst)
+        self.device_features |= self.io.offload_features  # offloads.py: a TAP's, if any
 
     @property
     def config(self) -> bytes:
@@ -127,6 +128,7 @@ class NetDevice(Device):
     def set_features(self, features: int) -> None:
         super().set_features(features)
         self.ctrl.features = features
+        self.io.set_features(features)
 
     def reset(self) -> None:
         super().reset()

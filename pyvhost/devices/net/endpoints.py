@@ -55,6 +55,7 @@ import numpy as np
 
 from pyvhost.devices.net import frame_kernels as RK
 from pyvhost.devices.net import loop_kernels as LK
+from pyvhost.devices.net import offloads as OFF
 from pyvhost.devices.net import tap_kernels as TK
 from pyvhost.devices.net import tx_drop as NK
 from pyvhost.devices.net.pcap import PcapWriter
@@ -303,6 +304,13 @@ class NetIo:
         else:
             self.rx_ring = [FrameRing(rx_backlog, self.slot) for _ in range(queue_pairs)] \
                 if self.source is not None else []
+        self.rx_backlog = rx_backlog
+        # Offloads (offloads.py): TX ones when the TAP takes frames straight from guest memory,
+        # RX ones with a TAP source; none enabled until the driver negotiates them.
+        self.offload_features = OFF.offered(self.tap if not self.tx_ring else None, self.rx_tap)
+        self._tun_flags = 0
+        if self.rx_tap is not None:
+            self.rx_tap.set_offload(0)  # whatever a previous connection enabled
         self.rx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
         self.rx_counters = np.zeros((queue_pairs, RK.RX_COUNTERS_LEN), dtype=np.int64)
         self._wake = [self.endpoints.wake_fd(k) for k in range(queue_pairs)] \
@@ -328,6 +336,24 @@ class NetIo:
                 # PMD does, rather than hand a guest seconds-old ARPs and MLD reports.
                 self.rx_stale += int(TK.drain_fd(self.rx_tap.fds[pair], self._drain_buf,
                                                  STALE_DRAIN_LIMIT))
+
+    def set_features(self, features: int) -> None:
+        """The driver's features (rings paused or not yet started): enable the offloads it
+        negotiated on the TAP source, keep the TAP's headers for it, and give the RX backlog
+        64 KiB slots when GSO frames may come."""
+        if self.rx_tap is None:
+            return
+        flags = OFF.tun_flags(features & self.offload_features)
+        if flags != self._tun_flags:
+            self.rx_tap.set_offload(flags)
+            self._tun_flags = flags
+        gso = bool(features & self.offload_features & OFF.GSO_GUEST_MASK)
+        slot = slot_size(OFF.GSO_FRAME_MAX - L2_OVERHEAD) if gso else self.slot
+        for pair, ring in enumerate(self.rx_ring):
+            if ring.slot != slot:
+                self.rx_ring[pair] = ring = FrameRing(
+                    min(self.rx_backlog, 256) if gso else self.rx_backlog, slot)
+            ring.ctl[RK.R_KEEP_HDR] = 1 if flags else 0
 
     def extra_wait_fds(self, index: int) -> tuple[int, ...]:
         if index % 2 or index // 2 >= self.queue_pairs:

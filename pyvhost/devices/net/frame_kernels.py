@@ -60,6 +60,7 @@ R_FULL_DROPS = 2        # frames the producer dropped: ring full (producer write
 R_OVERSIZE_DROPS = 3    # frames the producer dropped: larger than a slot (producer writes)
 R_READ_ERRORS = 4       # reads from an fd that failed other than EAGAIN (producer writes)
 R_LAST_ERRNO = 5        # the errno of the last of them
+R_KEEP_HDR = 6          # 1: slots hold a virtio-net header to pass on (offloads negotiated)
 RING_CTL_LEN = 8
 
 # RX counters (one row per RX queue; written by the RX worker only).
@@ -329,9 +330,11 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 continue
             counters[RX_WAITS] += 1
             break
-        # Header: no offloads negotiated, so flags and GSO fields are zero (5.1.6.4.1).
-        for b in range(NUM_BUFFERS_OFF):
-            buf[b] = 0
+        # Header: without offloads flags and GSO fields are zero (5.1.6.4.1); with them (a
+        # TAP source, GUEST_CSUM negotiated) they are the TAP's, for the driver to act on.
+        if ctl[R_KEEP_HDR] == 0:
+            for b in range(NUM_BUFFERS_OFF):
+                buf[b] = 0
         buf[NUM_BUFFERS_OFF] = nchains & 0xFF
         buf[NUM_BUFFERS_OFF + 1] = (nchains >> 8) & 0xFF
         for b in range(nbad):

@@ -5,8 +5,11 @@
 several), creating it when absent. TUNSETVNETHDRSZ 12 makes every read and write carry the
 12-byte `virtio_net_hdr_mrg_rxbuf`, the header a VERSION_1 driver puts before each frame, so
 guest frames go to the TAP as they are, and frames come back with a header slot to fill in.
-No offloads are enabled (TUNSETOFFLOAD 0): the kernel checksums and segments everything before
-it reaches us, matching the features the device offers (no CSUM, no GSO).
+Offloads: at open, `offloads` records which TUNSETOFFLOAD flags the kernel accepts (checksum,
+TSO4/6, ECN, UFO, USO4/6), then none are enabled (TUNSETOFFLOAD 0: the kernel checksums and
+segments everything before it reaches us). `set_offload(flags)` enables some on every queue,
+as QEMU's vhost-net does from the guest's negotiated GUEST_* features; frames written to the
+TAP may carry GSO and checksum requests in their virtio-net header whatever is enabled.
 
 Link state goes through pyroute2 (rtnetlink): a TAP we created is set to the requested MTU and
 brought up; one that existed is left as its owner configured it. The fds are non-blocking.
@@ -29,6 +32,13 @@ TUN_PATH = "/dev/net/tun"
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+TUN_F_TSO_ECN = 0x08
+TUN_F_UFO = 0x10
+TUN_F_USO4 = 0x20
+TUN_F_USO6 = 0x40
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -59,6 +69,7 @@ class Tap:
             for _ in range(queues):
                 self._fds.append(OwnedFd(_open_queue(name, flags)))
             self._numbers = [fd.fileno() for fd in self._fds]
+            self.offloads = _probe_offloads(self._numbers[0])
             self.created = not existed
             if self.created:
                 _configure(name, mtu)
@@ -72,6 +83,11 @@ class Tap:
     def fds(self) -> list[int]:
         """fds[k] serves queue pair k (non-blocking); empty once closed."""
         return self._numbers
+
+    def set_offload(self, flags: int) -> None:
+        """TUNSETOFFLOAD on every queue (flags the kernel may leave to us: TUN_F_*)."""
+        for fd in self._numbers:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
 
     @property
     def ifindex(self) -> int | None:
@@ -115,6 +131,23 @@ def _open_queue(name: str, flags: int) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _probe_offloads(fd: int) -> int:
+    """The TUN_F_* flags TUNSETOFFLOAD accepts (USO needs Linux 6.2), left disabled."""
+    supported = 0
+    for flags in (TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO
+                  | TUN_F_USO4 | TUN_F_USO6,
+                  TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN | TUN_F_UFO,
+                  TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 | TUN_F_TSO_ECN, TUN_F_CSUM):
+        try:
+            fcntl.ioctl(fd, TUNSETOFFLOAD, flags)
+        except OSError:
+            continue
+        supported = flags
+        break
+    fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    return supported
 
 
 def _link_index(name: str) -> int | None:
