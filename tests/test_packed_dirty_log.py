@@ -1,5 +1,6 @@
 """Dirty logging over packed rings: every page the device writes — used descriptors in the
-descriptor ring, the device event area, Python devices' buffers — is in the log, on both metadata paths (test_dirty_log.py's method: snapshot guest memory, publish, let the
+descriptor ring, the device event area, received frames, Python devices' buffers — is in the
+log, on both metadata paths (test_dirty_log.py's method: snapshot guest memory, publish, let the
 device work while a reader consumes the log as QEMU does, compare).
 
 vhost-user gives one log address per ring (SET_VRING_ADDR log_guest_addr), which QEMU sets to
@@ -9,6 +10,7 @@ the region table.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 
@@ -17,6 +19,7 @@ from test_dirty_log import (DEADLINE, PAGE, RAM_MIB, Scribble, _changed_pages,  
                             _snapshot, _wait)
 
 from pyvhost.daemon.backend import BackendOptions
+from pyvhost.devices.net.device import VIRTIO_NET_F_MRG_RXBUF, NetDevice
 from pyvhost.protocol import FrontendRequest as R
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.protocol import U64
@@ -84,4 +87,44 @@ def test_python_device_over_packed_every_written_page_is_logged(tmp_path, path):
                 assert not missing, f"pages written but not logged: {sorted(missing)}"
         assert s.backend.queues_broken == 0
         assert s.backend.stats()[f"{path}_rounds"] > 0
+    log.close()
+
+
+@pytest.mark.parametrize("path", ["direct", "copy"])
+@pytest.mark.parametrize("mergeable", [True, False])
+def test_net_loopback_over_packed_every_written_page_is_logged(tmp_path, path, mergeable):
+    rng = random.Random(f"{path}{mergeable}")
+    features = PACKED | ((1 << VIRTIO_NET_F_MRG_RXBUF) if mergeable else 0)
+    log = LogMemfd(RAM_MIB << 20)
+    with DeviceSession(lambda: NetDevice(1, source="loopback"), tmp_path / "net.sock",
+                       features=features, options=BackendOptions(metadata_access=path),
+                       ram_mib=RAM_MIB, protocol=PROTOCOL | P.LOG_SHMFD.mask) as s:
+        rx, tx = _queue(s, 0, 200), _queue(s, 1, 200)
+        _start_logging(s, log, s.negotiated.features, {0: rx, 1: tx})
+        sent = 0
+        with LogReader(log) as reader:
+            for _ in range(12):
+                frames = [os.urandom(rng.randint(14, 1500)) for _ in range(rng.randint(1, 24))]
+                for _ in range(len(frames) * (7 if mergeable else 1)):
+                    if rx.num_free:
+                        rx.add_chain([], [256 if mergeable else 1526])
+                for f in frames:
+                    tx.add_chain([bytes(12) + f], [])
+                before = _snapshot(s)
+                rx.publish()
+                tx.publish()
+                s.fe.kick(0)
+                s.fe.kick(1)
+                sent += len(frames)
+                _wait(lambda: s.device.stats()["rx_packets"] == sent, "frames not received")
+                _wait(lambda: len(tx.used()) >= 0 and tx.in_flight == 0, "TX not completed")
+                changed = _changed_pages(before, _snapshot(s), set())
+                assert changed, "the device wrote nothing?"
+                missing = changed - log.pages()
+                assert not missing, f"pages written but not logged: {sorted(missing)}"
+                rx.used()
+        assert reader.passes > 0
+        stats = s.backend.stats()
+        assert stats["log_enabled"] == 1 and stats["log_pages"] > 0
+        assert stats[f"{path}_rounds"] > 0
     log.close()
