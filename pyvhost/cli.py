@@ -219,8 +219,11 @@ def add_blk_options(blk: argparse.ArgumentParser) -> None:
                      help="GET_ID answer: up to 20 ASCII characters (default empty)")
     blk.add_argument("--direct", action="store_true",
                      help="open the image O_DIRECT (unaligned guest buffers are bounced)")
+    blk.add_argument("--io", choices=("auto", "uring", "threads"), default="auto",
+                     help="data path: compiled with io_uring, or handle() with I/O threads "
+                          "(default auto: io_uring where the host allows it)")
     blk.add_argument("--io-threads", type=int, default=4, metavar="N",
-                     help="threads doing the image's I/O (default 4)")
+                     help="threads doing the image's I/O on the threads path (default 4)")
 
 
 def build_blk(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:

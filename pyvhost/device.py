@@ -349,6 +349,7 @@ class Device:
         self.features = 0
         self._watches: dict[int, FdCallback] = {}
         self._watch_changed: Callable[[], None] | None = None
+        self._pin_table: Callable[[RegionTable], TablePin] | None = None  # the daemon's
 
     # -- tier 1 and 2: one request at a time ---------------------------------------------------
 
@@ -372,6 +373,22 @@ class Device:
         lose interrupts). Inside the worker's epoch: keep nothing derived from table, mem or
         views. Bad guest input breaks the queue (`queue.broken`)."""
         raise NotImplementedError
+
+    def drain_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                    views: RingViews, timeout: float) -> tuple[int, bool]:
+        """The ring stops (GET_VRING_BASE, reset, disconnect) and no worker runs it any more:
+        finish what its bursts left in flight (I/O still running on guest memory), waiting up
+        to `timeout`, and publish it, so the index the frontend gets is exact. Returns
+        (chains completed, whether the driver wants an interrupt). Protocol thread."""
+        return 0, False
+
+    def pin_table(self, table: RegionTable) -> TablePin:
+        """Keep `table`'s guest memory mapped until the pin is released (any thread), however
+        the memory map changes meanwhile: for a burst kernel whose work (I/O on guest
+        buffers) goes on after it returns. Grace periods never wait for pins."""
+        if self._pin_table is None:
+            raise RuntimeError(f"{type(self).__name__} is not served by a daemon (no pins)")
+        return self._pin_table(table)
 
     def runs_when_disabled(self, index: int) -> bool:
         """A started but disabled ring runs `discard_burst` when this says so (a net TX ring

@@ -58,11 +58,22 @@ def make_image(path: Path, sectors: int, tail: bytes = b"", seed: int = 1) -> by
     return data
 
 
+@pytest.fixture(params=["uring", "threads"], autouse=True)
+def io_mode(request) -> str:
+    """Every test runs on both data paths (the compiled io_uring one and handle() with I/O
+    threads) unless it parametrizes `io_mode` itself."""
+    Blk.io = request.param
+    return request.param
+
+
 class Blk:
     """A DeviceSession on a BlkDevice over an image file, and request helpers."""
 
+    io = "uring"  # the data path (the io_mode fixture sets it)
+
     def __init__(self, tmp_path: Path, image: BlkImage, *, features: int = ALL,
                  ram_mib: int = 4, **kw) -> None:
+        kw.setdefault("io", self.io)
         self.image = image
         self.session = DeviceSession(lambda: BlkDevice(image, **kw), tmp_path / "blk.sock",
                                      features=features, ram_mib=ram_mib)
@@ -475,6 +486,7 @@ class PartlyCached(BlkImage):
         return super().read_cached(slice_iovecs(iovecs, 0, self.cached), offset) if self.cached else 0
 
 
+@pytest.mark.parametrize("io_mode", ["threads"], indirect=True)
 @pytest.mark.parametrize("cached", [0, 1, 512, 4096, 5000])
 def test_reads_the_page_cache_inline_and_the_rest_in_a_thread(tmp_path, cached):
     path = tmp_path / "disk.raw"
@@ -519,6 +531,7 @@ class SlowImage(BlkImage):
         super().write(iovecs, offset, dsync=dsync)
 
 
+@pytest.mark.parametrize("io_mode", ["threads"], indirect=True)
 @pytest.mark.parametrize("stop", ["get_vring_base", "reset_device", "status_0"])
 def test_stopping_a_ring_waits_for_its_io(tmp_path, stop):
     path = tmp_path / "disk.raw"
@@ -553,6 +566,7 @@ def test_stopping_a_ring_waits_for_its_io(tmp_path, stop):
     assert raw[40 * SECTOR:] == data[40 * SECTOR:]
 
 
+@pytest.mark.parametrize("io_mode", ["threads"], indirect=True)
 def test_io_errors_of_the_host_become_ioerr(tmp_path, image_file):
     path, data = image_file
 
@@ -687,6 +701,7 @@ def _cuts(rnd: random.Random, n: int) -> list[tuple[int, int]]:
 # -- O_DIRECT and block devices ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("io_mode", ["threads"], indirect=True)  # O_DIRECT: threads
 def test_direct_io_aligned_and_bounced(tmp_path):
     path = tmp_path / "disk.raw"
     data = make_image(path, 8192)  # 4 MiB
@@ -739,7 +754,9 @@ def loop_device(tmp_path):
         subprocess.run(["losetup", "-d", dev], check=False)
 
 
-@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("io_mode,direct", [("uring", False), ("threads", False),
+                                            ("threads", True)],  # O_DIRECT: threads only
+                         indirect=["io_mode"])
 def test_a_block_device_as_the_image(tmp_path, loop_device, direct):
     dev, backing, data = loop_device
     model = bytearray(data)

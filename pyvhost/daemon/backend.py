@@ -164,6 +164,7 @@ class Backend:
             if not device.uses_burst_kernel(vr.index):
                 vr.runner = RequestRunner(device, vr.queue, self.memory.pin,
                                           self._worker_of[vr.index].wake)
+        device._pin_table = self.memory.pin  # Device.pin_table: burst kernels' I/O in flight
         self.events = DeviceEvents(name, device)
         self.self_log = SelfLog(self.memory) if options.bench_log_all else None
         self.features = 0
@@ -633,11 +634,16 @@ class Backend:
         """Publish the deferred requests of a ring no worker runs any more (waiting, bounded,
         for those still in flight), and interrupt the driver if it asks."""
         runner = vr.runner
-        if runner is None or not vr.started:
+        if not vr.started:
             return
         table = self.memory.table
-        done, notify = runner.drain(table, table.kernel(), vr.queue.round_views(table),
-                                    self.options.drain_timeout)
+        views = vr.queue.round_views(table)
+        if runner is None:  # a burst kernel's I/O in flight (Device.drain_burst)
+            done, notify = self.device.drain_burst(vr.queue, table, table.kernel(), views,
+                                                   self.options.drain_timeout)
+        else:
+            done, notify = runner.drain(table, table.kernel(), views,
+                                        self.options.drain_timeout)
         if done:
             log.info("%s: queue %d: %d deferred requests answered before stopping", self.name,
                      vr.index, done)

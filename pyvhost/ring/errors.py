@@ -23,6 +23,7 @@ class RingErrorCode(IntEnum):
     RX_NOT_WRITABLE = 14      # IN_ORDER: an RX buffer with no writable byte amid a frame's buffers
     DEVICE_FAILED = 15        # the device's own code raised while serving the queue (our side)
     PACKED_NOT_AVAIL = 16     # packed ring: NEXT into a descriptor that is not available
+    HEAD_IN_FLIGHT = 17       # a head made available again while the device still holds it
 
 
 _MESSAGES = {
@@ -44,6 +45,7 @@ _MESSAGES = {
     RingErrorCode.DEVICE_FAILED: "the device failed while serving the queue",
     RingErrorCode.PACKED_NOT_AVAIL: "descriptor {info} continues a chain but is not available "
                                     "(packed ring)",
+    RingErrorCode.HEAD_IN_FLIGHT: "head {info} made available again while still in flight",
 }
 
 

@@ -6,7 +6,7 @@ import argparse
 import logging
 from typing import TYPE_CHECKING
 
-from pyvhost.devices.blk.device import BlkDevice, serial_bytes
+from pyvhost.devices.blk.device import BlkDevice, choose_io, serial_bytes
 from pyvhost.devices.blk.io import BlkImage
 
 if TYPE_CHECKING:
@@ -45,6 +45,11 @@ def build(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:
             image = BlkImage.open(args.file, readonly=args.readonly, direct=args.direct)
         except (OSError, ValueError) as exc:
             raise SetupError(f"cannot open --file {args.file}: {exc}") from None
+    try:
+        io = choose_io(args.io, image)
+    except ValueError as exc:
+        image.close()
+        raise SetupError(f"--io {args.io}: {exc}") from None
     if image.size % 512:
         logging.getLogger("pyvhost").warning(
             "%s: size %d is not a multiple of 512; its last %d bytes are not on the disk",
@@ -52,7 +57,7 @@ def build(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:
 
     def device() -> Device:
         return blk_cls(image, queues=args.queues, queue_size=q, serial=serial,
-                       io_threads=args.io_threads)
+                       io_threads=args.io_threads, io=io)
 
     return DeviceSetup(factory=device, close=image.close)
 

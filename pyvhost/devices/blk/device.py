@@ -1,9 +1,17 @@
 """virtio-blk, the block device (virtio 1.x 5.2): requests, features and config space.
 
+Two data paths, the same answers to every request (tests/test_blk.py runs on both):
+- "uring" (default where io_uring works): the rings run in compiled code
+  (`process_burst`, `uring_kernels.py`, one io_uring per queue, `uring_io.py`), reading and
+  writing straight between the image and guest memory, one io_uring_enter per burst;
+- "threads" (`--io threads`, a host where io_uring is disabled, and O_DIRECT for now):
+  `handle()` below, with the I/O done by a thread pool.
+
 A request is one chain: the device-readable header `struct virtio_blk_outhdr {le32 type;
 le32 ioprio; le64 sector}` (sector in 512-byte units, always), then the data (readable for OUT,
 DISCARD and WRITE_ZEROES, writable for IN and GET_ID), then one device-writable status byte,
-the chain's last writable byte. `handle()` parses and checks everything the guest controls —
+the chain's last writable byte. On the threads path, `handle()` parses and checks everything
+the guest controls —
 header present, status byte present, data a multiple of 512 bytes and inside the disk,
 segment lists bounded, flags known — answers what needs no I/O at once, and defers the rest
 to the device's I/O threads (`io.py`), which move the data straight between the image and the
@@ -40,9 +48,17 @@ import threading
 from typing import Any, Callable
 
 from pyvhost.device import ConfigError, Device, Pending, Request
+from pyvhost.devices.blk import uring_kernels as BK
 from pyvhost.devices.blk.io import SECTOR_SIZE, BlkImage, IoThreads, slice_iovecs
+from pyvhost.devices.blk.uring_io import UringQueue
+from pyvhost.devices.blk.uring_io import warm_up as uring_warm_up
+from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.protocol import ProtocolFeature
+from pyvhost.ring import uring as U
+from pyvhost.ring.direct_map import RingViews
 from pyvhost.ring.layout import VIRTIO_F_VERSION_1
+from pyvhost.ring.poll import PollWindow, one_pass_window
+from pyvhost.ring.split_queue import SplitQueue
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +112,43 @@ DEFAULT_QUEUE_SIZE = 1024
 DEFAULT_IO_THREADS = 4
 
 
+IO_MODES = ("auto", "uring", "threads")
+
+
+def choose_io(io: str, image: BlkImage) -> str:
+    """The data path: "uring" (compiled, io_uring) when asked or by default where io_uring
+    works, else "threads" (handle() and I/O threads); ValueError if "uring" cannot be had."""
+    if io not in IO_MODES:
+        raise ValueError(f"io {io!r}: one of {', '.join(IO_MODES)}")
+    if io == "threads":
+        return io
+    if image.direct:
+        if io == "uring":
+            raise ValueError("the io_uring path does not do O_DIRECT yet (use the I/O threads)")
+        return "threads"
+    ok, why = U.available()
+    if not ok:
+        if io == "uring":
+            raise ValueError(f"io_uring is not available here: {why}")
+        log.warning("blk: io_uring is not available here (%s): I/O threads serve the disk", why)
+        return "threads"
+    return "uring"
+
+
 class BlkDevice(Device):
     """A virtio-blk device serving `image` (one instance a connection; the image is shared)."""
 
     name = "blk"
     device_id = VIRTIO_ID_BLOCK
     # Requests in flight survive a crash of this process (the frontend keeps the record and a
-    # restarted device resubmits them); every virtio-blk request is safe to repeat.
+    # restarted device resubmits them); every virtio-blk request is safe to repeat. The
+    # io_uring path marks and clears them itself (ring/inflight.py primitives).
     tracks_inflight = True
+    polls_in_kernel = True  # process_burst takes window= (the io_uring path)
 
     def __init__(self, image: BlkImage, *, queues: int = DEFAULT_QUEUES,
                  queue_size: int = DEFAULT_QUEUE_SIZE, serial: str | bytes = "",
-                 io_threads: int = DEFAULT_IO_THREADS) -> None:
+                 io_threads: int = DEFAULT_IO_THREADS, io: str = "auto") -> None:
         super().__init__()
         if not 1 <= queues <= 0xFFFF:
             raise ValueError(f"queues {queues}: outside 1..65535")
@@ -136,6 +177,12 @@ class BlkDevice(Device):
             ("blk_reads", "blk_reads_inline", "blk_read_bytes", "blk_writes", "blk_write_bytes", "blk_flushes",
              "blk_discards", "blk_write_zeroes", "blk_get_id", "blk_unsupported",
              "blk_io_errors", "blk_invalid", "blk_bad_requests"), 0)
+        #: "uring": the rings run the compiled io_uring path (process_burst); "threads":
+        #: handle() and the I/O threads.
+        self.io_mode = choose_io(io, image)
+        self._urings: dict[int, UringQueue] = {}
+        self._one_pass = one_pass_window()
+        self._uring_totals: dict[str, int] = {}
 
     # -- configuration -------------------------------------------------------------------------
 
@@ -159,12 +206,14 @@ class BlkDevice(Device):
         if data[0] == 0 and self.writeback and not self.readonly:
             self.image.flush()  # what was written back-cached becomes stable too
         self.writeback = data[0]
+        self._write_through_changed()
         log.info("blk: write cache %s by the driver", "on" if data[0] else "off")
 
     def set_features(self, features: int) -> None:
         super().set_features(features)
         if features >> F_CONFIG_WCE & 1 and not features >> F_FLUSH & 1:
             self.writeback = 0  # 5.2.5.1: CONFIG_WCE without FLUSH starts write-through
+        self._write_through_changed()
 
     @property
     def write_through(self) -> bool:
@@ -176,21 +225,86 @@ class BlkDevice(Device):
 
     def on_queue_started(self, queue: Any) -> None:
         self._queues_started.add(queue.index)
-        self.io.start()
+        if self.io_mode == "uring":
+            self._close_uring(queue.index)
+            self._urings[queue.index] = UringQueue(
+                queue.index, queue.size, queue.max_burst, self._uring_settings(), self.serial,
+                self.pin_table)
+        else:
+            self.io.start()
 
     def on_queue_stopped(self, queue: Any) -> None:
         # Its deferred requests are complete (the framework drained them before this).
         self._queues_started.discard(queue.index)
+        self._close_uring(queue.index)
         if not self._queues_started:
             self.io.stop()
+
+    def _close_uring(self, index: int) -> None:
+        uq = self._urings.pop(index, None)
+        if uq is not None:
+            with self._lock:
+                for k, v in uq.counters().items():
+                    self._uring_totals[k] = self._uring_totals.get(k, 0) + v
+            uq.close()
+
+    def _uring_settings(self) -> dict[int, int]:
+        image = self.image
+        return {BK.ST_FD: -1 if image.null else image.fd, BK.ST_CAPACITY: image.capacity,
+                BK.ST_BLK_SIZE: self.blk_size, BK.ST_READONLY: int(self.readonly),
+                BK.ST_DSYNC: int(self.write_through), BK.ST_BLOCKDEV: int(image.block_device),
+                BK.ST_MAX_DISCARD_SEG: MAX_DISCARD_SEG,
+                BK.ST_MAX_DISCARD_SECTORS: MAX_DISCARD_SECTORS,
+                BK.ST_MAX_WZ_SEG: MAX_WRITE_ZEROES_SEG,
+                BK.ST_MAX_WZ_SECTORS: MAX_WRITE_ZEROES_SECTORS}
+
+    def _write_through_changed(self) -> None:
+        """The compiled path reads it per request, as handle() does."""
+        for uq in list(self._urings.values()):
+            uq.st[BK.ST_DSYNC] = int(self.write_through)
+
+    # -- the compiled io_uring path (io_mode "uring") ------------------------------------------
+
+    def uses_burst_kernel(self, index: int) -> bool:
+        return self.io_mode == "uring"
+
+    def process_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                      views: RingViews, window: PollWindow | None = None) -> tuple[int, bool]:
+        uq = self._urings[queue.index]
+        return uq.burst(queue, table, mem, views, window or self._one_pass)
+
+    def extra_wait_fds(self, index: int) -> tuple[int, ...]:
+        # Called by the worker just before it sleeps: the eventfd is armed now (uring_io.py).
+        uq = self._urings.get(index)
+        return (uq.arm(),) if uq is not None else ()
+
+    def drain_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,
+                    views: RingViews, timeout: float) -> tuple[int, bool]:
+        uq = self._urings.get(queue.index)
+        if uq is None:
+            return 0, False
+        return uq.drain(queue, mem, views, timeout)
+
+    def warm_up(self) -> None:
+        super().warm_up()
+        if self.io_mode == "uring":
+            uring_warm_up()
 
     def reset(self) -> None:
         super().reset()
         self.writeback = 1
+        self._write_through_changed()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return dict(self.counters)
+            out = dict(self.counters)
+            for k, v in self._uring_totals.items():
+                out[k] = out.get(k, 0) + v
+        for uq in list(self._urings.values()):
+            for k, v in uq.counters().items():
+                out[k] = out.get(k, 0) + v
+        out["blk_io_mode_uring"] = int(self.io_mode == "uring")
+        return out
 
     def _count(self, **deltas: int) -> None:
         with self._lock:
