@@ -43,13 +43,13 @@ from numba import types
 from numba.core import cgutils
 
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
+from pyvhost.ring.fdcalls import errno_value, sys_read
 from pyvhost.ring.hostmem import load_u32, store_u32
 from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 
 __all__ = ["Uring", "UringUnavailable", "available"]
 
 # System call numbers (x86-64 and arm64 share the io_uring ones).
-SYS_READ = 0 if os.uname().machine == "x86_64" else 63
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 SYS_IO_URING_REGISTER = 427
@@ -283,17 +283,6 @@ def syscall6(typingctx, nr, a0, a1, a2, a3, a4, a5):
                        types.int64, types.int64), codegen
 
 
-@intrinsic
-def errno_value(typingctx):
-    """This thread's errno (glibc's __errno_location)."""
-    def codegen(context, builder, sig, args):
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(i32.as_pointer(), []), "__errno_location")
-        return builder.sext(builder.load(builder.call(fn, [])), ir.IntType(64))
-    return types.int64(), codegen
-
-
 @inlined_kernel
 def sq_free(ur):
     """SQEs that may be prepared now."""
@@ -411,7 +400,7 @@ def arm(ur):
 @inlined_kernel
 def drain_eventfd(fd, scratch):
     """Read (reset) an eventfd opened non-blocking; scratch is an int64[1] to read into."""
-    syscall6(SYS_READ, fd, scratch.ctypes.data, 8, 0, 0, 0)
+    sys_read(fd, scratch.ctypes.data, 8)
 
 
 @kernel

@@ -35,7 +35,7 @@ from pyvhost.ring import uring as U
 from pyvhost.ring.chains import pop_requests
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.hostmem import load_u8, store_u8
-from pyvhost.ring.inflight import inflight_begin_batch, inflight_end_batch
+from pyvhost.ring.inflight import publish_used_inflight
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
@@ -248,17 +248,13 @@ def add(mem, q, views, st, used_heads, head, used):
 
 @inlined_kernel
 def publish(mem, q, views, st, iv, used_heads):
-    """Publish the used elements added since the last publish, as one inflight batch (linked
-    before used->idx moves, cleared after: ring/inflight.py). False if the queue broke."""
+    """Publish the used elements added since the last publish, as one inflight batch
+    (ring/inflight.py). False if the queue broke."""
     nu = st[ST_NUSED]
     st[ST_NUSED] = 0
     if nu == 0:
         return True
-    inflight_begin_batch(iv, used_heads, nu)
-    if not K.publish_used(mem, q, views):
-        return False
-    inflight_end_batch(iv, used_heads, nu, q[K.Q_NEXT_USED])
-    return True
+    return publish_used_inflight(mem, q, views, iv, used_heads, nu)
 
 
 @inlined_kernel
