@@ -105,7 +105,7 @@ F_STATE = 0          # 1 while in flight
 F_LEFT = 1           # SQEs not yet completed
 F_STATUS = 2         # the worst status so far
 F_USED = 3           # used length to publish
-F_EXPECT = 4         # (unused: a READV/WRITEV's byte count travels in its user_data)
+F_TOKEN = 4          # what the pop returned for it: the head (split), id | slots << 16 (packed)
 F_STATUS_HOST = 5    # host address and GPA of the status byte
 F_STATUS_GPA = 6
 F_GEN = 7            # pin generation of the burst that submitted it
@@ -284,7 +284,7 @@ def finish(mem, q, views, st, used_heads, inf, head):
     if status == S_OK:
         count_done(st, inf[head, F_KIND], inf[head, F_BYTES])
     return answer(mem, q, views, st, used_heads, inf[head, F_STATUS_HOST],
-                  inf[head, F_STATUS_GPA], status, head, inf[head, F_USED])
+                  inf[head, F_STATUS_GPA], status, inf[head, F_TOKEN], inf[head, F_USED])
 
 
 @inlined_kernel
@@ -365,7 +365,13 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
         if n == 0:
             break
         popped += 1
-        head = heads[0]
+        # The row of the in-flight table: the head (split) or the buffer id (packed, whose
+        # token also carries the chain's ring slots); add_used gets the token.
+        token = heads[0]
+        head = token & 0xFFFF
+        if head >= inf.shape[0]:
+            K.fail(q, E.HEAD_OUT_OF_RANGE, head)
+            return -1
         p1 = piece_end[0]
         pw = first_writable[0]
         rbytes = readable[0]
@@ -376,7 +382,7 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
             return -1
         if wbytes == 0:  # no status byte: nothing can say what happened
             st[C_BAD_REQUESTS] += 1
-            if not add(mem, q, views, st, used_heads, head, 0):
+            if not add(mem, q, views, st, used_heads, token, 0):
                 return -1
             done += 1
             continue
@@ -384,7 +390,7 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
         sgpa = piece_gpa[p1 - 1] + piece_len[p1 - 1] - 1
         if rbytes < HEADER_LEN:
             st[C_INVALID] += 1
-            if not answer(mem, q, views, st, used_heads, shost, sgpa, S_IOERR, head, 1):
+            if not answer(mem, q, views, st, used_heads, shost, sgpa, S_IOERR, token, 1):
                 return -1
             done += 1
             continue
@@ -476,7 +482,7 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
         else:
             status = S_UNSUPP
         if nsub == 0:
-            if not answer(mem, q, views, st, used_heads, shost, sgpa, status, head, used):
+            if not answer(mem, q, views, st, used_heads, shost, sgpa, status, token, used):
                 return -1
             done += 1
             continue
@@ -495,6 +501,7 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
                 return -1
             nsub = (got + UIO_MAXIOV - 1) // UIO_MAXIOV  # preadv's limit a READV
         inf[head, F_STATUS] = S_OK
+        inf[head, F_TOKEN] = token
         inf[head, F_USED] = used
         inf[head, F_STATUS_HOST] = shost
         inf[head, F_STATUS_GPA] = sgpa
