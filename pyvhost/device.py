@@ -662,5 +662,6 @@ def warm_up_request_kernels() -> None:
     empty = np.zeros(1, dtype=np.int64)
     push_used_burst_inflight(mem, q.q, NO_VIEWS, q.inflight.views, empty, empty, 0)
     K.log_ranges(mem, q.q, empty, empty, 0)
+    K.flush_log(mem, q.q)  # the backend's, when a ring stops
     K.enable_notification(mem, q.q, NO_VIEWS)
     K.disable_notification(mem, q.q, NO_VIEWS)

@@ -381,3 +381,33 @@ def test_bench_log_all_logs_without_the_frontend_asking(tmp_path):
         assert stats["log_simulated"] == 1 and stats["log_enabled"] == 1
         assert stats["log_pages"] > 0 and stats["log_dropped"] == 0
         assert stats["log_sync_passes"] > 0
+
+
+@pytest.mark.parametrize("path", ["direct", "copy"])
+def test_bits_of_a_burst_that_broke_off_are_set_before_get_vring_base(tmp_path, path):
+    """A receive burst writes a frame into the first buffer, then finds a head out of range
+    and breaks the ring before it publishes: the frame's page and its used element are still
+    written guest memory, so their bits are set by the time GET_VRING_BASE is answered."""
+    features = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_EVENT_IDX)
+    log = LogMemfd(RAM_MIB << 20)
+    with DeviceSession(lambda: NetDevice(1, source="loopback"), tmp_path / "net.sock",
+                       features=features, options=BackendOptions(metadata_access=path),
+                       ram_mib=RAM_MIB, protocol=PROTOCOL | P.LOG_SHMFD.mask) as s:
+        rx, tx = _queue(s, 0, 256), _queue(s, 1, 256)
+        _start_logging(s, log, s.negotiated.features, {0: rx, 1: tx})
+        head = rx.add_chain([], [1526])
+        buffer = rx._in_flight[head].writable[0][0]
+        rx.add_raw_head(999)  # out of range: the ring breaks at the second frame
+        rx.publish()
+        for _ in range(2):
+            tx.add_chain([bytes(12) + os.urandom(100)], [])
+        before = _snapshot(s)
+        tx.publish()  # both frames in one TX burst, so one RX burst takes both
+        s.fe.kick(1)
+        _wait(lambda: s.backend.queues_broken == 1, "the RX ring did not break")
+        changed = _changed_pages(before, _snapshot(s), _avail_pages(rx) | _avail_pages(tx))
+        assert buffer // PAGE in changed  # the first frame was written
+        s.fe.get_vring_base(0)
+        missing = changed - log.pages()
+        assert not missing, f"pages written but not logged: {sorted(missing)}"
+    log.close()

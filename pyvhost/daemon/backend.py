@@ -619,6 +619,9 @@ class Backend:
         answered, its kick fd is closed."""
         self._stop_worker_use(vr)
         self._drain(vr)
+        # Bits a burst cached but never set (it broke off before publishing): its writes are
+        # in guest memory all the same, and GET_VRING_BASE may only be answered with them set.
+        K.flush_log(self.memory.table.kernel(), vr.queue.q)
         if vr.started:
             vr.started = False
             self.device.on_queue_stopped(vr.queue)
