@@ -296,10 +296,10 @@ def test_log_cache_sets_exactly_the_pages_of_each_range(misalign, log_size):
 
 @pytest.mark.parametrize("path", ["direct", "copy"])
 def test_used_ring_writes_logged_per_burst_across_the_wrap(path):
-    """Used elements are logged as one range per burst, used->idx and avail_event apart: a
-    burst that wraps from the end of a 3-page used ring to its start logs the first and last
-    pages and not the middle one; every page written is logged before push_used_burst
-    returns."""
+    """Used elements are logged once per burst, as the slots it filled, used->idx and
+    avail_event apart: a burst that wraps from the end of a 3-page used ring to its start logs
+    the first and last pages and not the middle one; every page written is logged before
+    push_used_burst returns."""
     from pyvhost.fd import OwnedFd
     from pyvhost.memory.dirty_log import DirtyLog
     from pyvhost.ring import kernels as K
@@ -325,7 +325,7 @@ def test_used_ring_writes_logged_per_burst_across_the_wrap(path):
             return set(range((base + offset) // PAGE, (base + offset + n - 1) // PAGE + 1))
 
         for first, n in [(0, 3), (300, 200), (1000, 40), (1020, 1030), (5, 1)]:
-            queue.q[K.Q_NEXT_USED] = first
+            queue.q[K.Q_NEXT_USED] = queue.q[K.Q_LOG_USED_FROM] = first  # as a ring start
             log.seen[:] = False
             log.consume()
             heads = np.arange(n, dtype=np.int64) % size

@@ -53,7 +53,8 @@ Q_LOG_DROPPED = 15      # pages written beyond the end of the log (counted, not 
 Q_LOG_N = 16            # entries waiting in the log cache
 Q_LOG_USED_LO = 17      # used-ring bytes [lo, hi) written since the last flush (offsets from
 Q_LOG_USED_HI = 18      # the ring's start; hi <= lo: none), logged at Q_LOG_USED
-Q_LOG_CACHE = 19        # the log cache: (64-page word of the log, page bits) pairs
+Q_LOG_USED_FROM = 19    # used index from which used elements are not logged yet (free-running)
+Q_LOG_CACHE = 20        # the log cache: (64-page word, page bits) pairs
 LOG_CACHE_ENTRIES = 64  # a burst of 256 RX frames in packed 1.5 KiB buffers spans ~2 words
 # Packed rings only (F_PACKED; packed_kernels.py says what they hold).
 Q_AVAIL_WRAP = Q_LOG_CACHE + 2 * LOG_CACHE_ENTRIES
@@ -251,8 +252,9 @@ fail = kernel(_fail)
 # the index of a 64-bit word of the log (64 pages, 256 KiB of guest memory) and `bits` the pages
 # of it written, so the frames of a burst — packed buffers, mostly in one or two words — cost
 # an OR into the last entry each, and a flush sets each word's bits with one atomic OR.
-# Used-ring writes (a burst's elements are adjacent) are kept apart as one byte range, or
-# they would interleave with the buffers' words and defeat the merging.
+# Used-ring writes are kept apart, or they would interleave with the buffers' words and defeat
+# the merging: used elements are logged at the flush as the slots from Q_LOG_USED_FROM to
+# next_used (nothing per element), the ring's other fields as one pending byte range.
 
 @inlined_kernel
 def log_write(mem, q, gpa, length):
@@ -327,6 +329,7 @@ def log_set_bits(mem, q):
 def log_flush(mem, q):
     """Set the bits of every page written since the last flush (before used->idx is
     published, and before any entry point returns with pages cached)."""
+    log_used_elems(mem, q)
     lo = q[Q_LOG_USED_LO]
     hi = q[Q_LOG_USED_HI]
     if hi > lo:
@@ -334,6 +337,25 @@ def log_flush(mem, q):
         if mem[KM_LOG].shape[0] != 0:
             log_cache_range(mem, q, q[Q_LOG_USED] + lo, hi - lo)
     log_set_bits(mem, q)
+
+
+@inlined_kernel
+def log_used_elems(mem, q):
+    """The used elements written since the last flush — slots Q_LOG_USED_FROM .. next_used,
+    adjacent but for the ring's wrap — as used-ring ranges (nothing when not logging)."""
+    first = q[Q_LOG_USED_FROM]
+    end = q[Q_NEXT_USED]
+    q[Q_LOG_USED_FROM] = end
+    n = (end - first) & 0xFFFF
+    size = q[Q_SIZE]
+    if n == 0 or size <= 0:
+        return
+    n = min(n, size)  # never more than the whole ring (Python moved next_used: start, reset)
+    slot = first & (size - 1)
+    head = min(n, size - slot)
+    log_used(mem, q, 4 + 8 * slot, 8 * head)
+    if n > head:  # wrapped to slot 0
+        log_used(mem, q, 4, 8 * (n - head))
 
 
 @inlined_kernel
@@ -437,7 +459,7 @@ def read_table_desc(mem, space, table, i):
 
 @inlined_kernel
 def write_used_elem(mem, q, views, slot, head, length):
-    log_used(mem, q, 4 + 8 * slot, 8)  # (cached: the bit is set after the store, at flush)
+    # Logged by the next log_flush (log_used_elems), after the store, before used->idx.
     if q[Q_FLAGS] & F_DIRECT:
         views[3][2 * slot] = head
         views[3][2 * slot + 1] = length

@@ -238,6 +238,7 @@ class SplitQueue:
         self._started = True
         used = _load_ring_u16(table, int(self.q[K.Q_USED]) + USED_IDX)
         self.q[K.Q_NEXT_USED] = used
+        self.q[K.Q_LOG_USED_FROM] = used  # elements from here on are this device's writes
         self.q[K.Q_SIGNALLED_VALID] = 0
         size, base = self.size, self.next_avail
         avail = self.avail_idx(table)
