@@ -342,13 +342,14 @@ def log_flush(mem, q):
 @inlined_kernel
 def log_used_elems(mem, q):
     """The used elements written since the last flush — slots Q_LOG_USED_FROM .. next_used,
-    adjacent but for the ring's wrap — as used-ring ranges (nothing when not logging)."""
+    adjacent but for the ring's wrap — as used-ring ranges (nothing when not logging). A
+    split ring's: packed used descriptors are logged as they are written (log_desc)."""
     first = q[Q_LOG_USED_FROM]
     end = q[Q_NEXT_USED]
     q[Q_LOG_USED_FROM] = end
     n = (end - first) & 0xFFFF
     size = q[Q_SIZE]
-    if n == 0 or size <= 0:
+    if n == 0 or size <= 0 or q[Q_FLAGS] & F_PACKED:
         return
     n = min(n, size)  # never more than the whole ring (Python moved next_used: start, reset)
     slot = first & (size - 1)
