@@ -29,6 +29,9 @@ outlived a killed backend) resumes from the ring's used index (`SplitQueue.sync_
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -47,14 +50,18 @@ from pyvhost.memory.errors import AddressNotMappedError, BadRegionError
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.memory.inflight_area import BadInflightArea, InflightArea
 from pyvhost.memory.inflight_area import allocate as allocate_inflight
+from pyvhost.memory.iotlb import BadIotlbEntry, IotlbEntry
 from pyvhost.memory.region import RegionSpec
 from pyvhost.protocol import (
     EMPTY,
     U64,
     BackendProtocol,
     ConfigSpace,
+    BackendChannel,
+    BackendRequest,
     FrontendRequest,
     InflightDesc,
+    IotlbMsg,
     MemoryRegionDesc,
     MemoryTable,
     Message,
@@ -72,11 +79,13 @@ from pyvhost.protocol.constants import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VHOST_VRING_F_LOG,
     ConfigFlags,
+    IotlbType,
 )
 from pyvhost.protocol.messages import LogDesc
 from pyvhost.ring import kernels as K
 from pyvhost.ring.layout import (
     VIRTIO_F_IN_ORDER,
+    VIRTIO_F_IOMMU_PLATFORM,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -104,8 +113,15 @@ BASE_PROTOCOL_FEATURES = (P.MQ.mask | P.REPLY_ACK.mask | P.BACKEND_REQ.mask | P.
 # whatever the device's own bits. QEMU's vhost-user-rng-pci hands the guest's INDIRECT_DESC and
 # EVENT_IDX to SET_FEATURES without looking at GET_FEATURES; refusing them left the guest
 # waiting for used buffers it never kicked for.
+# VIRTIO_F_IOMMU_PLATFORM: a device IOTLB (memory/iotlb.py), used only when acked (QEMU acks it
+# only for a device behind a vIOMMU with iommu_platform=on; it requires BACKEND_REQ and
+# REPLY_ACK, both offered).
 TRANSPORT_FEATURES = ((1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
-                      | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_RING_PACKED))
+                      | (1 << VIRTIO_RING_F_EVENT_IDX) | (1 << VIRTIO_F_RING_PACKED)
+                      | (1 << VIRTIO_F_IOMMU_PLATFORM))
+# An unanswered IOTLB miss for the same page is sent again after this long (the frontend sends
+# nothing for an IOVA the vIOMMU does not map; the ring then waits, retrying at this pace).
+MISS_RESEND_S = 0.2
 # Reserved transport feature bits (24..40): a frontend that passes one we did not offer gets it
 # ignored with a warning instead of a refusal (a device-type bit not offered is refused).
 TRANSPORT_BIT_RANGE = ((1 << 41) - 1) & ~((1 << 24) - 1)
@@ -153,11 +169,12 @@ class Backend:
                        for i in range(device.num_queues)]
         for vr in self.vrings:
             self.memory.add_listener(vr.queue.on_memory_change)
+            self.memory.add_iotlb_listener(vr.queue.on_iotlb_invalidate)
         self.workers: list[Worker] = []
         self._worker_of: dict[int, Worker] = {}
         for n, group in enumerate(group_rings(self.vrings, options.workers)):
             worker = Worker(f"{name}-w{n}", self.memory, device, group, poll_mode=options.poll,
-                            on_broken=self._on_broken)
+                            on_broken=self._on_broken, on_miss=self._send_miss)
             self.workers.append(worker)
             self._worker_of.update((vr.index, worker) for vr in group)
         for vr in self.vrings:
@@ -172,6 +189,16 @@ class Backend:
         self.owner = False
         self.status = 0
         self.backend_req: OwnedFd | None = None
+        # The back-end channel as workers use it (IOTLB misses): a socket over a dup of
+        # backend_req, its protocol, and a lock (several workers may send).
+        self._backend_sock: socket.socket | None = None
+        self._backend_channel: BackendChannel | None = None
+        self._backend_lock = threading.Lock()
+        # Device IOTLB misses: per queue, (page, access, IOTLB version, time) last sent.
+        self._last_miss: dict[int, tuple[int, int, int, float]] = {}
+        self.iotlb_misses_sent = 0
+        self.iotlb_misses_unsent = 0
+        self.iotlb_refused = 0
         self.log_fd: EventFd | None = None
         self.inflight: InflightArea | None = None     # SET_INFLIGHT_FD's, mapped
         self._inflight_offer: OwnedFd | None = None   # GET_INFLIGHT_FD's memfd, until sent
@@ -209,6 +236,7 @@ class Backend:
             R.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             R.GET_INFLIGHT_FD: self._get_inflight_fd,
             R.SET_INFLIGHT_FD: self._set_inflight_fd,
+            R.IOTLB_MSG: self._iotlb_msg,
             R.RESET_DEVICE: self._reset_device,
             R.SET_STATUS: self._set_status,
             R.GET_STATUS: self._get_status,
@@ -308,6 +336,11 @@ class Backend:
             self.memory.set_log_all(log_all)
             log.info("%s: dirty logging %s%s", self.name, "on" if log_all else "off",
                      "" if self.memory.log is not None or not log_all else " (no log yet)")
+        iotlb = bool(value >> VIRTIO_F_IOMMU_PLATFORM & 1)
+        if iotlb != (self.memory.iotlb is not None):
+            # Ring and buffer addresses are IOVAs from here on (an IOTLB, empty at first).
+            self.memory.set_iotlb(iotlb)
+            log.info("%s: device IOTLB %s", self.name, "on" if iotlb else "off")
         with self._paused(self.vrings):
             self.features = value
             self.device.set_features(value)
@@ -433,7 +466,8 @@ class Backend:
         a = msg.payload
         assert isinstance(a, VringAddr)
         vr = self._vring(a.index)
-        if len(self.memory.table):
+        # With a device IOTLB the addresses are IOVAs, translated when the ring runs.
+        if len(self.memory.table) and self.memory.iotlb is None:
             self._check_mapped(vr, vr.queue.size, a.desc, a.avail, a.used)
         log_used = a.flags & (1 << VHOST_VRING_F_LOG)
         with self._paused([vr]):
@@ -542,18 +576,24 @@ class Backend:
                                  "SET_VRING_ADDR")
         if q.broken:
             raise RequestRefused(f"queue {vr.index}: broken ({q.error_text()}); reset it first")
-        self._check_mapped(vr, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
-                           int(q.q[K.Q_USED]))
-        # Continue from the used index the guest's memory holds (a ring restarted after
-        # GET_VRING_BASE, or a reconnect, must not rewind it); a base that disagrees with a
-        # ring the frontend kept across our restart resumes from used->idx (DPDK does too).
-        try:
-            resync = q.sync_used_from_ring(self.memory.table)
-        except ValueError as exc:
-            raise RequestRefused(str(exc)) from exc
-        if resync is not None:
-            (log.warning if resync.resumed else log.error)(
-                "%s: queue %d: %s", self.name, vr.index, resync.describe())
+        if self.memory.iotlb is not None:
+            # IOVAs: the rings may not be in the IOTLB yet (QEMU sends entries on demand, and
+            # the protocol thread must never wait for one): the worker reads the used index
+            # at the first round whose rings translate, asking for them meanwhile.
+            q.start_lazily()
+        else:
+            self._check_mapped(vr, q.size, int(q.q[K.Q_DESC]), int(q.q[K.Q_AVAIL]),
+                               int(q.q[K.Q_USED]))
+            # Continue from the used index the guest's memory holds (a ring restarted after
+            # GET_VRING_BASE, or a reconnect, must not rewind it); a base that disagrees with
+            # a ring the frontend kept across our restart resumes from used->idx (DPDK too).
+            try:
+                resync = q.sync_used_from_ring(self.memory.table)
+            except ValueError as exc:
+                raise RequestRefused(str(exc)) from exc
+            if resync is not None:
+                (log.warning if resync.resumed else log.error)(
+                    "%s: queue %d: %s", self.name, vr.index, resync.describe())
         if q.inflight.enabled and q.packed:
             # The area's layout is split's (ring/inflight.py); packed tracking is not built.
             log.warning("%s: queue %d: packed ring: requests in flight are not tracked",
@@ -732,9 +772,101 @@ class Backend:
             raise RequestRefused(str(exc)) from exc
 
     def _set_backend_req_fd(self, msg: Message) -> None:
+        fd = msg.take_fd()
+        try:
+            sock = socket.socket(fileno=os.dup(fd.fileno()))
+        except OSError as exc:
+            fd.close()
+            raise RequestRefused(f"back-end channel fd is not a socket: {exc}") from exc
+        if sock.family != socket.AF_UNIX:
+            sock.close()
+            fd.close()
+            raise RequestRefused("back-end channel fd is not a Unix socket")
+        with self._backend_lock:
+            self._close_backend_channel()
+            self.backend_req = fd
+            self._backend_sock = sock
+            self._backend_channel = self.protocol.backend_channel()
+
+    def _close_backend_channel(self) -> None:
+        if self._backend_sock is not None:
+            self._backend_sock.close()
+            self._backend_sock = None
+        self._backend_channel = None
         if self.backend_req is not None:
             self.backend_req.close()
-        self.backend_req = msg.take_fd()
+            self.backend_req = None
+
+    # -- device IOTLB --------------------------------------------------------------------------
+
+    def _iotlb_msg(self, msg: Message) -> Payload:
+        """UPDATE and INVALIDATE, answered 0 when done, 1 when refused (the payload's own
+        reply: QEMU waits for it on every IOTLB_MSG). An INVALIDATE's perm and uaddr are not
+        looked at (QEMU 7.2 leaves them uninitialised); an UPDATE wakes the workers, whose
+        rings may wait for it; an INVALIDATE returns after the grace period."""
+        m = msg.payload
+        assert isinstance(m, IotlbMsg)
+        try:
+            if self.memory.iotlb is None:
+                raise BadIotlbEntry("VIRTIO_F_IOMMU_PLATFORM is not acked")
+            if m.type == IotlbType.UPDATE:
+                if self.memory.iotlb_update(IotlbEntry(m.iova, m.size, m.uaddr, m.perm)):
+                    for worker in self.workers:
+                        worker.wake()
+            elif m.type == IotlbType.INVALIDATE:
+                self.memory.iotlb_invalidate(m.iova, m.size)
+            else:
+                raise BadIotlbEntry(f"message type {m.type} is not one a front-end sends")
+        except BadIotlbEntry as exc:
+            self.refused += 1
+            self.iotlb_refused += 1
+            log.error("%s: IOTLB_MSG refused: %s", self.name, exc)
+            return U64(1)
+        return U64(0)
+
+    def _send_miss(self, vr: Vring) -> None:
+        """Worker thread: ask the front-end for the IOTLB entry a round of `vr` missed, once
+        (again when the IOTLB changed since, or after MISS_RESEND_S), without NEED_REPLY and
+        without blocking: the protocol thread may be waiting for this worker's grace period
+        while the front-end waits for our reply."""
+        iotlb = self.memory.iotlb
+        if iotlb is None:
+            return
+        q = vr.queue.q
+        page, perm = int(q[K.Q_MISS_ADDR]) & ~0xFFF, int(q[K.Q_MISS_PERM])
+        version = iotlb.stats.updates + iotlb.stats.invalidations
+        now = time.monotonic()
+        last = self._last_miss.get(vr.index)
+        if last is not None and last[:3] == (page, perm, version) and now - last[3] < MISS_RESEND_S:
+            return
+        self._last_miss[vr.index] = (page, perm, version, now)
+        with self._backend_lock:
+            sock, channel = self._backend_sock, self._backend_channel
+            if sock is None or channel is None:
+                self.iotlb_misses_unsent += 1
+                if self.iotlb_misses_unsent == 1:
+                    log.error("%s: queue %d: IOTLB miss at IOVA 0x%x but no back-end channel "
+                              "(SET_BACKEND_REQ_FD) to ask on", self.name, vr.index, page)
+                return
+            data, _ = channel.send_request(
+                BackendRequest.IOTLB_MSG,
+                IotlbMsg(int(q[K.Q_MISS_ADDR]), 0, 0, perm, IotlbType.MISS))
+            try:
+                sent = sock.send(data, socket.MSG_DONTWAIT)
+            except OSError as exc:  # full or gone: the next round asks again
+                sent = 0
+                log.debug("%s: IOTLB miss not sent: %s", self.name, exc)
+            if sent != len(data):
+                self.iotlb_misses_unsent += 1
+                self._last_miss.pop(vr.index, None)
+                if sent:  # a partial message would desynchronise the channel: give it up
+                    log.error("%s: back-end channel: partial IOTLB miss; channel closed",
+                              self.name)
+                    self._close_backend_channel()
+                return
+        self.iotlb_misses_sent += 1
+        log.debug("%s: queue %d: IOTLB miss at IOVA 0x%x (%s)", self.name, vr.index,
+                  int(q[K.Q_MISS_ADDR]), "write" if perm == 2 else "read")
 
     # -- inflight I/O tracking (ring/inflight.py) -----------------------------------------------
 
@@ -882,6 +1014,18 @@ class Backend:
         for key in ("requests", "deferred", "in_flight"):
             if runners:
                 s[f"device_{key}"] = sum(r[key] for r in runners)
+        iotlb = self.memory.iotlb
+        if iotlb is not None:
+            s["iotlb_entries"] = len(iotlb)
+            s["iotlb_updates"] = iotlb.stats.updates
+            s["iotlb_invalidations"] = iotlb.stats.invalidations
+            s["iotlb_evictions"] = iotlb.stats.evictions
+            s["iotlb_refused"] = self.iotlb_refused
+            s["iotlb_hits"] = sum(int(vr.queue.q[K.Q_IOTLB_HITS]) for vr in self.vrings)
+            s["iotlb_misses"] = self.iotlb_misses_sent
+            s["iotlb_misses_unsent"] = self.iotlb_misses_unsent
+            s["iotlb_ring_misses"] = sum(q.ring_misses for q in qs)
+            s["iotlb_ring_invalidations"] = sum(q.iotlb_ring_invalidations for q in qs)
         s["log_enabled"] = int(self.memory.table.logging)
         s["log_pages"] = sum(vr.queue.log_pages for vr in self.vrings)
         s["log_dropped"] = sum(int(vr.queue.q[K.Q_LOG_DROPPED]) for vr in self.vrings)
@@ -917,12 +1061,12 @@ class Backend:
                     fd.close()
             vr.kick = vr.call = vr.err = None
             self.memory.remove_listener(vr.queue.on_memory_change)
+            self.memory.remove_iotlb_listener(vr.queue.on_iotlb_invalidate)
         self.memory.close()
         if self.self_log is not None:
             self.self_log.close()
-        if self.backend_req is not None:
-            self.backend_req.close()
-            self.backend_req = None
+        with self._backend_lock:
+            self._close_backend_channel()
         if self.log_fd is not None:
             self.log_fd.close()
             self.log_fd = None

@@ -36,5 +36,7 @@ class Vring:
     #: Worker-private: whether we asked the driver not to kick (a Python mirror of the ring).
     notify_off: bool = False
     broken_reported: bool = False
+    #: Worker-private: the queue's miss counter (kernels' Q_MISSES) last looked at.
+    misses_seen: int = 0
     #: Serves the ring through Device.handle() (None: the device's process_burst does).
     runner: RequestRunner | None = None

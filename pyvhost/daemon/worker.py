@@ -96,13 +96,16 @@ def idle_spin(seconds: float = IDLE_SPIN_S) -> None:
 
 class Worker:
     def __init__(self, name: str, memory: GuestMemory, device: Device, vrings: Sequence[Vring],
-                 *, poll_mode: bool, on_broken: Callable[[Vring], None]) -> None:
+                 *, poll_mode: bool, on_broken: Callable[[Vring], None],
+                 on_miss: Callable[[Vring], None] | None = None) -> None:
         self.name = name
         self.memory = memory
         self.device = device
         self.vrings = tuple(vrings)
         self.poll_mode = poll_mode
         self._on_broken = on_broken
+        #: Device IOTLB: called (this thread, outside the epoch) when a round met a miss.
+        self._on_miss = on_miss
         self._wake = EventFd.create(f"{name}-wake")
         self._stop = False
         self._cond = threading.Condition()
@@ -223,17 +226,22 @@ class Worker:
             queue = vr.queue
             table = self.memory.table
             views = queue.round_views(table)
-            mem = table.kernel()
-            if self.poll_mode and not vr.notify_off:
-                K.disable_notification(mem, queue.q, views)
-                vr.notify_off = True
-            try:
-                done, notify = self._burst(vr, table, mem, views, window)
-            except Exception as exc:  # the device's code: break this ring only
-                if not queue.broken:  # (a RingError of the Python queue API: broken already)
-                    queue.fail_device(f"{type(self.device).__name__} raised "
-                                      f"{type(exc).__name__}: {exc}", exc)
+            if queue.ring_missing:  # device IOTLB: the rings do not translate (yet)
+                if not queue.broken:
+                    return False  # retried on the UPDATE (wake) or the next kick
                 done, notify = 0, False
+            else:
+                mem = table.kernel()
+                if self.poll_mode and not vr.notify_off:
+                    K.disable_notification(mem, queue.q, views)
+                    vr.notify_off = True
+                try:
+                    done, notify = self._burst(vr, table, mem, views, window)
+                except Exception as exc:  # the device's code: break this ring only
+                    if not queue.broken:  # (a RingError of the Python queue API: broken)
+                        queue.fail_device(f"{type(self.device).__name__} raised "
+                                          f"{type(exc).__name__}: {exc}", exc)
+                    done, notify = 0, False
             if queue.broken:
                 vr.running = False
             elif done > 0:
@@ -245,12 +253,17 @@ class Worker:
                 return True
             elif not self.poll_mode and vr.notify_off:
                 vr.notify_off = False
-                # True: buffers arrived while kicks were off, so go on (2.7.10).
-                return bool(K.enable_notification(mem, queue.q, views))
+                # True: buffers arrived while kicks were off, so go on (2.7.10) — unless the
+                # round stopped at an IOTLB miss: then sleep until the UPDATE (wake) or a kick.
+                more = bool(K.enable_notification(mem, queue.q, views))
+                return more and queue.q[K.Q_MISSES] == vr.misses_seen
             else:
                 return False
         finally:
             epoch.leave()
+            if vr.queue.q[K.Q_MISSES] != vr.misses_seen and self._on_miss is not None:
+                vr.misses_seen = int(vr.queue.q[K.Q_MISSES])
+                self._on_miss(vr)  # outside the epoch: it sends on a socket
         self._on_broken(vr)  # outside the epoch: it logs and signals
         return False
 

@@ -6,6 +6,13 @@ tell the listeners (queues drop their direct views), and only then unmap what th
 longer holds. A mapping that still has views alive refuses to unmap (BufferError); it is kept on
 a retired list and retried, and counted as leaked if it still cannot go at `close()`.
 
+With a device IOTLB (VIRTIO_F_IOMMU_PLATFORM acked, `set_iotlb`), readers get an `IotlbTable`
+over the region table (`regions`) instead: an UPDATE publishes a new snapshot at once (a burst
+that still holds the old one only misses what the new one adds), an INVALIDATE publishes one
+without the entries, tells the IOTLB listeners (queues whose rings it touches drop their
+direct map), and returns only after a grace period — no burst still translates through what the
+guest took back.
+
 Deferred requests (`pyvhost.Request.defer`) use guest memory after their burst, outside every
 epoch: they `pin()` the table of their burst. A pinned region is not unmapped; when the last
 pin goes, retired regions are retried at once. Grace periods never wait for pins.
@@ -17,7 +24,7 @@ import gc
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, NoReturn
 
 import numpy as np
 
@@ -25,12 +32,14 @@ from pyvhost.fd import OwnedFd
 from pyvhost.memory.dirty_log import NO_LOG, DirtyLog
 from pyvhost.memory.epoch import EpochDomain, GraceTimeout
 from pyvhost.memory.errors import BadRegionError
+from pyvhost.memory.iotlb import BadIotlbEntry, Iotlb, IotlbEntry, IotlbTable, resolve
 from pyvhost.memory.region import MappedRegion, RegionSpec
 from pyvhost.memory.table import RegionTable
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[RegionTable, RegionTable], None]
+IotlbListener = Callable[[int, int], None]  # an invalidated IOVA range [start, end)
 
 
 @dataclass
@@ -71,7 +80,13 @@ class TablePin:
 class GuestMemory:
     def __init__(self, epochs: EpochDomain | None = None, grace_timeout: float = 1.0) -> None:
         self.epochs = epochs or EpochDomain()
-        self.table = RegionTable()
+        #: The region table the frontend's memory messages built.
+        self.regions = RegionTable()
+        #: What readers load once per burst: `regions`, or an IOTLB snapshot over it.
+        self.table: RegionTable = self.regions
+        #: The device IOTLB while VIRTIO_F_IOMMU_PLATFORM is acked, else None.
+        self.iotlb: Iotlb | None = None
+        self._iotlb_listeners: list[IotlbListener] = []
         self.grace = GraceStats()
         self.grace_timeout = grace_timeout
         self.leaked_mappings = 0
@@ -90,6 +105,75 @@ class GuestMemory:
     def remove_listener(self, listener: Listener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def add_iotlb_listener(self, listener: IotlbListener) -> None:
+        self._iotlb_listeners.append(listener)
+
+    def remove_iotlb_listener(self, listener: IotlbListener) -> None:
+        if listener in self._iotlb_listeners:
+            self._iotlb_listeners.remove(listener)
+
+    # -- the device IOTLB --
+
+    def set_iotlb(self, on: bool) -> None:
+        """VIRTIO_F_IOMMU_PLATFORM acked (on) or not: from the return on, bursts translate
+        IOVAs through the IOTLB (empty at first), or guest-physical addresses as before."""
+        with self._writer:
+            if on == (self.iotlb is not None):
+                return
+            self.iotlb = Iotlb() if on else None
+            self._publish_locked(self.regions)
+
+    def iotlb_update(self, entry: IotlbEntry) -> bool:
+        """IOTLB_MSG UPDATE (raises BadIotlbEntry: refused, nothing changed). No grace period:
+        what a burst may use only grows. Returns False if the entry was there already."""
+        with self._writer:
+            iotlb = self.iotlb
+            if iotlb is None:
+                raise_not_on()
+            entry.check()
+            # The frontend's user address must lie in its regions (vhost-user.rst: "must be
+            # within vhost memory regions").
+            try:
+                self.regions.translate_user(entry.uaddr, entry.size)  # type: ignore[arg-type]
+            except Exception as exc:
+                raise BadIotlbEntry(f"entry IOVA 0x{entry.iova:x}+0x{entry.size:x}: user "
+                                    f"address 0x{entry.uaddr:x} is outside every memory "
+                                    "region") from exc
+            changed = iotlb.update(entry)
+            iotlb.stats.updates += 1
+            if changed:
+                new = IotlbTable(self.regions, resolve(iotlb.entries(), self.regions))
+                new.kernel()
+                self.table = new
+            return changed
+
+    def iotlb_invalidate(self, iova: int, size: int) -> int:
+        """IOTLB_MSG INVALIDATE: returns (the number of entries removed) after the grace
+        period. Raises BadIotlbEntry for a range that is not one."""
+        with self._writer:
+            iotlb = self.iotlb
+            if iotlb is None:
+                raise_not_on()
+            gone = iotlb.invalidate(iova, size)
+            iotlb.stats.invalidations += 1
+            iotlb.stats.entries_invalidated += len(gone)
+            if not gone:
+                return 0
+            old = self.table
+            new = IotlbTable(self.regions, resolve(iotlb.entries(), self.regions))
+            new.kernel()
+            self.table = new
+            end = iova + size
+            for listener in list(self._iotlb_listeners):
+                listener(iova, end)
+            try:
+                self.grace.record(self.epochs.synchronize(self.grace_timeout))
+                old.release_kernel()
+            except GraceTimeout as exc:
+                self.grace.timeouts += 1
+                log.error("grace period not reached after an IOTLB invalidation: %s", exc)
+            return len(gone)
 
     # -- pins (deferred requests) --
 
@@ -113,7 +197,7 @@ class GuestMemory:
         pending = list(regions)
         mapped = _map_all(pending)
         try:
-            new = RegionTable(tuple(mapped), self.table.log)
+            new = RegionTable(tuple(mapped), self.regions.log)
         except BadRegionError:
             _close_new(mapped)
             raise
@@ -124,7 +208,7 @@ class GuestMemory:
         connection (each queue pair of a multiqueue NIC): an identical region is counted, not
         mapped again, and unmapped only when every ADD has been matched by a REM."""
         with self._writer:
-            same = self.table.find_exact(spec.guest_phys_addr, spec.memory_size,
+            same = self.regions.find_exact(spec.guest_phys_addr, spec.memory_size,
                                          spec.userspace_addr)
             if same is not None and same.spec == spec:
                 same.users += 1
@@ -133,7 +217,7 @@ class GuestMemory:
         region = _map_all([(spec, fd)])[0]
         with self._writer:
             try:
-                new = self.table.with_region(region)
+                new = self.regions.with_region(region)
             except BadRegionError:
                 _close_new([region])
                 raise
@@ -142,14 +226,14 @@ class GuestMemory:
     def remove_region(self, spec: RegionSpec) -> None:
         """REM_MEM_REG: the region is matched by GPA, size and user address (the fd is unused)."""
         with self._writer:
-            region = self.table.find_exact(spec.guest_phys_addr, spec.memory_size,
+            region = self.regions.find_exact(spec.guest_phys_addr, spec.memory_size,
                                            spec.userspace_addr)
             if region is None:
                 raise BadRegionError(f"no region matches {spec} for removal")
             if region.users > 1:
                 region.users -= 1
                 return
-            self._publish_locked(self.table.without_region(region))
+            self._publish_locked(self.regions.without_region(region))
 
     def clear(self) -> None:
         self._publish(RegionTable())
@@ -160,7 +244,7 @@ class GuestMemory:
         """SET_LOG_BASE: from the return on, no burst writes the old log; it is unmapped."""
         with self._writer:
             old, self.log = self.log, log
-            completed = self._publish_locked(self.table.with_log(self._active_log()))
+            completed = self._publish_locked(self.regions.with_log(self._active_log()))
             if old is not None:
                 self._retired_logs.append(old)
             if completed:
@@ -172,7 +256,7 @@ class GuestMemory:
         with self._writer:
             if on != self.log_all:
                 self.log_all = on
-                self._publish_locked(self.table.with_log(self._active_log()))
+                self._publish_locked(self.regions.with_log(self._active_log()))
 
     def _active_log(self) -> np.ndarray:
         return self.log.kernel if self.log_all and self.log is not None else NO_LOG
@@ -205,9 +289,15 @@ class GuestMemory:
         with self._writer:
             self._publish_locked(new)
 
-    def _publish_locked(self, new: RegionTable) -> bool:
+    def _publish_locked(self, regions: RegionTable) -> bool:
+        """A new region table (or the IOTLB switched on or off): readers get it, or an IOTLB
+        snapshot over it (entries resolved again: a region may have gone)."""
+        new = regions
+        if self.iotlb is not None:
+            new = IotlbTable(regions, resolve(self.iotlb.entries(), regions))
         new.kernel()  # built here, not on a worker's first burst
-        old, self.table = self.table, new
+        old, old_regions = self.table, self.regions
+        self.regions, self.table = regions, new
         try:
             self.grace.record(self.epochs.synchronize(self.grace_timeout))
             grace_completed = True
@@ -224,6 +314,8 @@ class GuestMemory:
         if grace_completed:
             # Every burst that could hold an old table (or its raw host addresses) has ended.
             old.release_kernel()
+            if old_regions is not regions:
+                old_regions.release_kernel()
             self._retry_retired()
         return grace_completed
 
@@ -232,6 +324,10 @@ class GuestMemory:
         # those regions wait for next time (or for their last pin).
         with self._pins:
             self._retired = [r for r in self._retired if not r.close()]
+
+
+def raise_not_on() -> NoReturn:
+    raise BadIotlbEntry("IOTLB message without VIRTIO_F_IOMMU_PLATFORM acked")
 
 
 def _map_all(pending: list[tuple[RegionSpec, OwnedFd]]) -> list[MappedRegion]:

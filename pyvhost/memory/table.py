@@ -29,6 +29,10 @@ KM_SIZE = 2
 KM_BY_USER = 3     # region indices sorted by user address
 KM_HOST = 4        # host address of each region's first byte in our mapping
 KM_LOG = 5         # the dirty log while logging: [host address, bytes]; empty otherwise
+# Device IOTLB (memory/iotlb.py): empty arrays for a region table.
+KM_PERM = 6        # permission of each IOTLB run (1 read, 2 write)
+KM_RUN_GPA = 7     # guest-physical address of each IOTLB run's first byte (the dirty log)
+KM_IOTLB = 8       # [1]: addresses are IOVAs translated by IOTLB runs; empty: regions
 KernelMemory = tuple
 
 
@@ -40,7 +44,13 @@ class Segment(NamedTuple):
     length: int
 
 
+_NONE = np.zeros(0, dtype=np.int64)
+
+
 class RegionTable:
+    #: Addresses are IOVAs translated through a device IOTLB (memory/iotlb.py IotlbTable).
+    iotlb = False
+
     __slots__ = ("regions", "log", "_gpa_starts", "_user_order", "_user_starts", "_kernel",
                  "_views")
 
@@ -77,6 +87,15 @@ class RegionTable:
     def with_log(self, log: np.ndarray) -> "RegionTable":
         """The same regions, with the device writing into `log` (or NO_LOG: not logging)."""
         return RegionTable(self.regions, log)
+
+    @property
+    def base(self) -> "RegionTable":
+        """The region table under this one (itself; an IOTLB snapshot's regions)."""
+        return self
+
+    def gpa_of(self, addr: int) -> int | None:
+        """The guest-physical address of a device (bus) address: itself here."""
+        return addr
 
     @property
     def logging(self) -> bool:
@@ -157,7 +176,7 @@ class RegionTable:
                 np.array([r.spec.memory_size for r in self.regions], dtype=np.int64),
                 np.array(self._user_order, dtype=np.int64),
                 np.array([r.mapped_data().ctypes.data for r in self.regions], dtype=np.int64),
-                self.log)
+                self.log, _NONE, _NONE, _NONE)
         return self._kernel
 
     def memoryviews(self) -> list[memoryview]:

@@ -1,7 +1,7 @@
 """Popped chains as host pieces: what the Python device tier (`pyvhost.Request`) reads and writes.
 
 `pop_requests` pops a burst of chains and translates every buffer into *pieces*: region index
-(in the table's GPA order), offset in the region, host address, guest-physical address and
+(in the table's GPA order; with a device IOTLB, the IOTLB run's index), offset in it, host address, guest-physical address and
 length, each piece inside one region (a buffer that spans regions
 becomes several pieces). Per chain k it records where its pieces end (`piece_end[k]`; chain k
 has pieces [piece_end[k-1], piece_end[k])), its first writable piece, and its readable and
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_SIZE
+from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_IOTLB, KM_RUN_GPA, KM_SIZE
 from pyvhost.ring import kernels as K
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.inflight import (NO_INFLIGHT, InflightViews, inflight_mark,
@@ -70,7 +70,7 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
     """Pop up to max_chains chains into host pieces. Returns the chains popped, or -1 if the
     queue broke (q[Q_ERROR] says why). On a ring with inflight tracking (`iv`, ring/inflight.py)
     the heads to resubmit come first, and every chain taken from the avail ring is marked in
-    flight as it is accepted."""
+    flight as it is accepted. An IOTLB miss ends the burst before its chain."""
     if q[K.Q_ERROR] != 0:
         return -1
     n = K.avail_count(mem, q, views)
@@ -78,6 +78,7 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
         return -1
     n = min(n + inflight_resubmit_pending(iv), max_chains, heads.shape[0])
     cap = piece_host.shape[0]
+    iotlb = mem[KM_IOTLB].shape[0] != 0
     pos = 0
     for k in range(n):
         resubmitted = inflight_resubmit_pending(iv) > 0
@@ -88,6 +89,8 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
             head, nseg, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
         if head == -1:
             return -1
+        if head == -3:
+            return k
         if head == -2:
             K.fail(q, E.CHAIN_TOO_LONG, -1)
             return -1
@@ -118,7 +121,8 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
                 piece_region[pos] = i
                 piece_offset[pos] = off
                 piece_host[pos] = mem[KM_HOST][i] + off
-                piece_gpa[pos] = addr
+                # Guest-physical (the dirty log's pages), also through an IOTLB run.
+                piece_gpa[pos] = mem[KM_RUN_GPA][i] + off if iotlb else addr
                 piece_len[pos] = take
                 pos += 1
                 addr += take

@@ -24,6 +24,8 @@ class RingErrorCode(IntEnum):
     DEVICE_FAILED = 15        # the device's own code raised while serving the queue (our side)
     PACKED_NOT_AVAIL = 16     # packed ring: NEXT into a descriptor that is not available
     HEAD_IN_FLIGHT = 17       # a head made available again while the device still holds it
+    IOVA_NOT_WRITABLE = 18    # device IOTLB: a device-writable buffer at a read-only IOVA
+    IOVA_NOT_READABLE = 19    # device IOTLB: a device-readable buffer at a write-only IOVA
 
 
 _MESSAGES = {
@@ -46,6 +48,10 @@ _MESSAGES = {
     RingErrorCode.PACKED_NOT_AVAIL: "descriptor {info} continues a chain but is not available "
                                     "(packed ring)",
     RingErrorCode.HEAD_IN_FLIGHT: "head {info} made available again while still in flight",
+    RingErrorCode.IOVA_NOT_WRITABLE: "device write to IOVA 0x{info:x}, which the IOMMU maps "
+                                     "read-only",
+    RingErrorCode.IOVA_NOT_READABLE: "device read of IOVA 0x{info:x}, which the IOMMU maps "
+                                     "write-only",
 }
 
 

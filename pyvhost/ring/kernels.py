@@ -25,8 +25,8 @@ from __future__ import annotations
 import numpy as np
 
 from pyvhost.memory.dirty_log import PAGE_SHIFT
-from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_LOG, KM_SIZE,
-                                  KM_USER_START)
+from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_IOTLB, KM_LOG,
+                                  KM_PERM, KM_RUN_GPA, KM_SIZE, KM_USER_START)
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.hostmem import (atomic_or_u8, atomic_or_u64, load_u8, load_u16, load_u32,
                                   load_u64, popcount, prefetch, store_u8, store_u16, store_u32)
@@ -61,7 +61,12 @@ Q_AVAIL_WRAP = Q_LOG_CACHE + 2 * LOG_CACHE_ENTRIES
 Q_USED_WRAP = Q_AVAIL_WRAP + 1
 Q_BATCH_SLOT = Q_AVAIL_WRAP + 2
 Q_BATCH_WORD = Q_AVAIL_WRAP + 3
-QSTATE_LEN = Q_AVAIL_WRAP + 4
+# Device IOTLB (memory/iotlb.py): the last miss a kernel met, for the worker to report.
+Q_MISS_ADDR = Q_AVAIL_WRAP + 4             # the IOVA not in the IOTLB
+Q_MISS_PERM = Q_MISS_ADDR + 1              # the access wanted: 1 read, 2 write
+Q_MISSES = Q_MISS_ADDR + 2                 # misses met (counter; every retry counts)
+Q_IOTLB_HITS = Q_MISS_ADDR + 3             # buffers translated through the IOTLB (counter)
+QSTATE_LEN = Q_MISS_ADDR + 4
 # A packed queue's state array goes on with one slot per ring entry (qstate_len).
 Q_CHAIN_SLOTS = QSTATE_LEN
 
@@ -141,6 +146,42 @@ def is_mapped(mem, space, addr, length):
             return False
         cur += mem[KM_SIZE][i] - (cur - region_start(mem, space, i))
     return True
+
+
+@inlined_kernel
+def buffer_access(mem, q, addr, length, write):
+    """May the device read (write) the buffer [addr, addr+length)? 0: yes. -1: no, the queue
+    is broken (q says why). 1 (device IOTLB only): an IOTLB miss at q[Q_MISS_ADDR] — nothing
+    may be consumed; the worker asks the frontend and the burst is retried.
+
+    Without an IOTLB, "mapped" is "inside the regions". With one, every byte must lie in an
+    IOTLB run that grants the access: a run without it is a fault (a device write to a
+    read-only IOVA breaks the queue), no run at all is a miss.
+    """
+    if mem[KM_IOTLB].shape[0] == 0:
+        if is_mapped(mem, SPACE_GPA, addr, length):
+            return 0
+        fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else ADDR_MAX)
+        return -1
+    if addr < 0 or length < 0 or addr > ADDR_MAX - length:
+        fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else ADDR_MAX)
+        return -1
+    need = 2 if write else 1
+    cur = addr
+    end = addr + length
+    while cur < end:
+        i = region_index(mem, SPACE_GPA, cur)
+        if i < 0:
+            q[Q_MISS_ADDR] = cur
+            q[Q_MISS_PERM] = need
+            q[Q_MISSES] += 1
+            return 1
+        if not (mem[KM_PERM][i] & need):
+            fail(q, E.IOVA_NOT_WRITABLE if write else E.IOVA_NOT_READABLE, cur)
+            return -1
+        cur = mem[KM_GPA_START][i] + mem[KM_SIZE][i]
+    q[Q_IOTLB_HITS] += 1
+    return 0
 
 
 @inlined_kernel
@@ -257,7 +298,28 @@ fail = kernel(_fail)
 # next_used (nothing per element), the ring's other fields as one pending byte range.
 
 @inlined_kernel
-def log_write(mem, q, gpa, length):
+def log_write(mem, q, addr, length):
+    """The device wrote [addr, addr+length), a device address (guest-physical, or an IOVA
+    with a device IOTLB, translated here: the log is kept in guest-physical pages)."""
+    if mem[KM_LOG].shape[0] == 0 or length <= 0:
+        return
+    if mem[KM_IOTLB].shape[0] == 0:
+        log_write_gpa(mem, q, addr, length)
+        return
+    cur = addr
+    end = addr + length
+    while cur < end:
+        i = region_index(mem, SPACE_GPA, cur)
+        if i < 0:  # not reached: the write went through this very run
+            return
+        off = cur - mem[KM_GPA_START][i]
+        take = min(end - cur, mem[KM_SIZE][i] - off)
+        log_write_gpa(mem, q, mem[KM_RUN_GPA][i] + off, take)
+        cur += take
+
+
+@inlined_kernel
+def log_write_gpa(mem, q, gpa, length):
     """The device wrote [gpa, gpa+length): remember its pages for the dirty log (nothing
     unless logging). Bits are set by log_flush, after a fence, never before the data."""
     if mem[KM_LOG].shape[0] == 0 or length <= 0:
@@ -335,7 +397,7 @@ def log_flush(mem, q):
     if hi > lo:
         q[Q_LOG_USED_HI] = lo
         if mem[KM_LOG].shape[0] != 0:
-            log_cache_range(mem, q, q[Q_LOG_USED] + lo, hi - lo)
+            log_write(mem, q, q[Q_LOG_USED] + lo, hi - lo)  # an IOVA with a device IOTLB
     log_set_bits(mem, q)
 
 
@@ -374,18 +436,18 @@ def log_used(mem, q, offset, length):
         q[Q_LOG_USED_HI] = max(hi, end)
         return
     if hi > lo:
-        log_cache_range(mem, q, q[Q_LOG_USED] + lo, hi - lo)
+        log_write(mem, q, q[Q_LOG_USED] + lo, hi - lo)
     q[Q_LOG_USED_LO] = offset
     q[Q_LOG_USED_HI] = end
 
 
 @kernel
 def log_ranges(mem, q, gpas, lens, n):
-    """log_write for n ranges the device wrote from Python (pyvhost.Request), then log_flush.
-    Called where the queue's kernels run (its worker, or the protocol thread with the ring
-    stopped): the cache in q is theirs."""
+    """log_write_gpa for n guest-physical ranges the device wrote from Python
+    (pyvhost.Request), then log_flush. Called where the queue's kernels run (its worker, or the
+    protocol thread with the ring stopped): the cache in q is theirs."""
     for k in range(n):
-        log_write(mem, q, gpas[k], lens[k])
+        log_write_gpa(mem, q, gpas[k], lens[k])
     log_flush(mem, q)
 
 
@@ -532,7 +594,8 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     """Walk the chain at avail slot next_avail into the segment arrays from seg_pos.
 
     Returns (head, new_seg_pos, total_len). head == -1: the queue is broken (q[Q_ERROR] set);
-    head == -2: the segment arrays are full (nothing consumed, try again with room).
+    head == -2: the segment arrays are full (nothing consumed, try again with room);
+    head == -3: an IOTLB miss (nothing consumed; retry once the frontend sent the entry).
     """
     if q[Q_FLAGS] & F_PACKED:
         return P.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos)
@@ -595,9 +658,9 @@ def walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, seg_pos):
             if length == 0 or length % 16 != 0:
                 fail(q, E.INDIRECT_BAD_LEN, length)
                 return -1, seg_pos, 0
-            if not is_mapped(mem, SPACE_GPA, addr, length):
-                fail(q, E.ADDR_UNMAPPED, addr)
-                return -1, seg_pos, 0
+            access = buffer_access(mem, q, addr, length, False)
+            if access != 0:
+                return (-3 if access == 1 else -1), seg_pos, 0
             indirect = True
             table = addr
             table_len = length // 16
@@ -609,9 +672,9 @@ def walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, seg_pos):
         elif seen_write:
             fail(q, E.READ_AFTER_WRITE, head)
             return -1, seg_pos, 0
-        if not is_mapped(mem, SPACE_GPA, addr, length):
-            fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else ADDR_MAX)
-            return -1, seg_pos, 0
+        access = buffer_access(mem, q, addr, length, (flags & VIRTQ_DESC_F_WRITE) != 0)
+        if access != 0:
+            return (-3 if access == 1 else -1), seg_pos, 0
         total += length
         if total > U32_MAX:
             fail(q, E.LEN_OVERFLOW, head)
@@ -692,6 +755,8 @@ def pop_chains(mem, q, views, n, k, heads, chain_end, seg_addr, seg_len, seg_fla
         head, pos2, _ = pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
         if head == -1:
             return -1
+        if head == -3:  # an IOTLB miss: the burst ends before this chain
+            return k
         if head == -2:
             if k == 0:
                 fail(q, E.CHAIN_TOO_LONG, -1)
@@ -771,6 +836,10 @@ def lone_desc_direct(mem, q, views, head, flags_wanted, min_len, r):
         if length > region_size[r2] - off:
             return 0, 0, 0, r
         r = r2
+    if mem[KM_IOTLB].shape[0] != 0:  # an IOTLB run: it must grant the access
+        if not (mem[KM_PERM][r] & (2 if flags_wanted & VIRTQ_DESC_F_WRITE else 1)):
+            return 0, 0, 0, r
+        q[Q_IOTLB_HITS] += 1
     return mem[KM_HOST][r] + off, addr, length, r
 
 

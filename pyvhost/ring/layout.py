@@ -21,6 +21,7 @@ VRING_USED_F_NO_NOTIFY = 1
 VIRTIO_RING_F_INDIRECT_DESC = 28
 VIRTIO_RING_F_EVENT_IDX = 29
 VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_IOMMU_PLATFORM = 33   # ACCESS_PLATFORM: addresses are IOVAs (a device IOTLB)
 VIRTIO_F_IN_ORDER = 35
 
 # A split ring has at most 32768 entries, and a power of two (2.7).

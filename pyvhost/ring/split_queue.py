@@ -28,7 +28,8 @@ from pyvhost.ring.direct_map import NO_VIEWS, DirectMap, RingViews, build_direct
 from pyvhost.ring.errors import RingError, RingErrorCode, describe
 from pyvhost.ring.inflight import InflightRing
 from pyvhost.ring.layout import (AVAIL_ALIGN, AVAIL_IDX, DESC_ALIGN, USED_ALIGN, USED_IDX,
-                                 is_valid_queue_size)
+                                 avail_ring_size, desc_table_size, is_valid_queue_size,
+                                 used_ring_size)
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class DescriptorChain:
             written.append((s.addr, len(piece)))
             pos += len(piece)
         if table.logging and written:
+            # Guest-physical for the log (a device IOTLB's IOVAs translated; written above).
+            written = [(g, ln) for a, ln in written if (g := table.gpa_of(a)) is not None]
             n = len(written)
             # A private cache (flushed before the call returns): this may run in any thread.
             K.log_ranges(table.kernel(), np.zeros(K.QSTATE_LEN, np.int64),
@@ -116,6 +119,10 @@ class QueueStats:
     copy_rounds: int = 0
     invalidations: int = 0
     copy_reasons: dict[str, int] = field(default_factory=dict)
+    #: Device IOTLB: rounds skipped because a ring part was not in the IOTLB (a miss),
+    #: and direct maps dropped because an invalidation touched the rings.
+    ring_misses: int = 0
+    iotlb_ring_invalidations: int = 0
 
 
 class SplitQueue:
@@ -132,6 +139,13 @@ class SplitQueue:
         self._last_copy_table: RegionTable | None = None
         self.addresses_set = False
         self._started = False  # sync_used_from_ring has run (the ring started) on this queue
+        #: Device IOTLB: the ring started but its used index is read once its rings translate
+        #: (on a worker, in round_views); until then rounds are skipped (`ring_missing`).
+        self._sync_pending = False
+        self._rings_ok_table: RegionTable | None = None
+        #: Set by round_views: this round's rings are not (all) in the IOTLB; q's miss slots
+        #: say where. The worker reports the miss and skips the round.
+        self.ring_missing = False
         #: What the device's own code raised when it broke the queue (DEVICE_FAILED).
         self.device_error = ""
         self.max_burst = max_burst
@@ -250,6 +264,13 @@ class SplitQueue:
             self.q[K.Q_NEXT_AVAIL] = used
         return RingResync(base, avail, used, resumed)
 
+    def start_lazily(self) -> None:
+        """Ring start with a device IOTLB: the rings are IOVAs that may not be translated yet
+        (QEMU sends entries on demand); sync_used_from_ring runs at the first round whose
+        rings translate."""
+        self._sync_pending = True
+        self._rings_ok_table = None
+
     def avail_idx(self, table: RegionTable) -> int:
         """avail->idx as the driver last published it (one load; raises AddressNotMappedError
         if the ring is not mapped)."""
@@ -262,6 +283,7 @@ class SplitQueue:
         self.q[K.Q_LOG_PAGES], self.q[K.Q_LOG_DROPPED] = pages, dropped  # counters
         self.addresses_set = False
         self.device_error = ""
+        self._sync_pending = False
         self.invalidate("queue reset")
 
     # -- invalidation and the per-round choice of path --
@@ -274,16 +296,44 @@ class SplitQueue:
             log.debug("queue %d: direct map dropped (%s)", self.index, reason)
         self._direct = None
         self._last_copy_table = None
+        self._rings_ok_table = None
+
+    def ring_ranges(self) -> list[tuple[str, int, int, int]]:
+        """(name, address, length, access needed: 1 read, 2 write) of the three ring parts."""
+        size = max(self.size, 1)
+        return [("descriptor table", int(self.q[K.Q_DESC]), desc_table_size(size), 1),
+                ("avail ring", int(self.q[K.Q_AVAIL]), avail_ring_size(size), 1),
+                ("used ring", int(self.q[K.Q_USED]), used_ring_size(size), 2)]
+
+    def on_iotlb_invalidate(self, start: int, end: int) -> None:
+        """IOTLB entries in [start, end) were taken back (before the writer's grace period):
+        a queue whose rings they overlap drops its direct map; the next round translates the
+        rings again (a miss, if they are gone) instead of reading a mapping the guest revoked."""
+        if not self.addresses_set:
+            return
+        for _name, addr, length, _perm in self.ring_ranges():
+            if addr < end and start < addr + length:
+                self.stats.iotlb_ring_invalidations += 1
+                self.invalidate("IOTLB invalidation over the rings")
+                return
 
     def on_memory_change(self, old: RegionTable, new: RegionTable) -> None:
         self.invalidate("memory table changed")
 
     def round_views(self, table: RegionTable) -> RingViews:
-        """Views for this round; sets the queue's path flag. Call inside the worker's epoch."""
+        """Views for this round; sets the queue's path flag. Call inside the worker's epoch.
+
+        With a device IOTLB the rings must translate first (`ring_missing` otherwise); a direct
+        map stays valid across IOTLB snapshots over the same regions until an invalidation
+        touches the rings (`on_iotlb_invalidate` bumps the generation)."""
         d = self._direct
-        if d is not None and d.table is table and d.generation == self._generation:
+        if d is not None and d.table.base is table.base and d.generation == self._generation:
+            self.ring_missing = False
             self.stats.direct_rounds += 1
             return d.views
+        if table.iotlb and not self._rings_translate(table):
+            self.q[K.Q_FLAGS] &= ~K.F_DIRECT
+            return NO_VIEWS
         if self.metadata_access != "copy" and self.addresses_set:
             if self._last_copy_table is not table:  # don't retry a failed build every round
                 built = self._build_direct(table)
@@ -301,6 +351,46 @@ class SplitQueue:
         return build_direct_map(table, self.size, UserAddress(int(self.q[K.Q_DESC])),
                                 UserAddress(int(self.q[K.Q_AVAIL])),
                                 UserAddress(int(self.q[K.Q_USED])), self._generation)
+
+    def _rings_translate(self, table: RegionTable) -> bool:
+        """Device IOTLB: are the three ring parts in `table`'s IOTLB with the access the device
+        needs? No: a miss is recorded in q (the worker asks the frontend), or the queue breaks
+        on a permission the IOMMU does not grant. Yes: a ring that started meanwhile reads its
+        used index now."""
+        if self._rings_ok_table is table:
+            self.ring_missing = False
+            return True
+        self.ring_missing = True
+        if not self.addresses_set or self.broken:
+            return False
+        from pyvhost.memory.iotlb import IotlbTable
+        assert isinstance(table, IotlbTable)
+        for name, addr, length, perm in self.ring_ranges():
+            status, where = table.check_range(addr, length, perm)
+            if status == 1:
+                self.q[K.Q_MISS_ADDR] = where
+                self.q[K.Q_MISS_PERM] = perm
+                self.q[K.Q_MISSES] += 1
+                self.stats.ring_misses += 1
+                return False
+            if status == 2:
+                self.q[K.Q_ERROR_INFO] = where
+                self.q[K.Q_ERROR] = (RingErrorCode.IOVA_NOT_WRITABLE if perm == 2
+                                     else RingErrorCode.IOVA_NOT_READABLE)
+                log.error("queue %d: %s at IOVA 0x%x: %s", self.index, name, addr,
+                          self.error_text())
+                return False
+        self._rings_ok_table = table
+        self.ring_missing = False
+        if self._sync_pending:
+            self._sync_pending = False
+            resync = self.sync_used_from_ring(table)
+            log.info("queue %d: rings translate through the IOTLB; next avail %d, used %d",
+                     self.index, self.next_avail, self.next_used)
+            if resync is not None:
+                (log.warning if resync.resumed else log.error)(
+                    "queue %d: %s", self.index, resync.describe())
+        return True
 
     def _note_copy_reason(self, reason: str, table: RegionTable) -> None:
         self._last_copy_table = table
@@ -362,6 +452,8 @@ class SplitQueue:
         head, end, _ = K.pop_chain(mem, self.q, views, self.seg_addr, self.seg_len,
                                    self.seg_flags, 0)
         self._raise_if_broken()
+        if head < 0:  # an IOTLB miss (q's miss slots say where): nothing popped
+            return None
         return DescriptorChain(int(head), [
             Segment(GuestAddress(int(self.seg_addr[k])), int(self.seg_len[k]),
                     bool(self.seg_flags[k])) for k in range(end)])

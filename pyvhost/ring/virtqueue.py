@@ -163,6 +163,16 @@ class Virtqueue(SplitQueue):
         here = self.packed_base.linear(size)[0]
         return (target - here) % (2 * size)
 
+    def ring_ranges(self) -> list[tuple[str, int, int, int]]:
+        """The packed ring's three areas (device IOTLB: what must translate, with the access
+        the device needs; it writes used descriptors into the descriptor ring)."""
+        if not self.packed:
+            return super().ring_ranges()
+        size = max(self.size, 1)
+        return [("descriptor ring", int(self.q[K.Q_DESC]), PL.desc_ring_size(size), 3),
+                ("driver event area", int(self.q[K.Q_AVAIL]), PL.EVENT_AREA_SIZE, 1),
+                ("device event area", int(self.q[K.Q_USED]), PL.EVENT_AREA_SIZE, 2)]
+
     # -- the direct map --
 
     def _build_direct(self, table: RegionTable) -> DirectMap | str:

@@ -113,12 +113,16 @@ class MockSplitQueue:
         event_idx: bool = False,
         initial_avail_idx: int = 0,
         region: "int | None" = None,
+        iova_offset: int = 0,
     ) -> None:
         """desc/avail/used: GPAs to place the parts at (reserved by the caller, e.g. with
-        ram.alloc), else they are allocated tightly in `region` (a region's GPA; default any)."""
+        ram.alloc), else they are allocated tightly in `region` (a region's GPA; default any).
+        iova_offset: behind a vIOMMU (VIRTIO_F_IOMMU_PLATFORM), the device sees guest-physical
+        address A as IOVA A + iova_offset (in descriptors; `iova_addresses()` for the rings)."""
         if not is_valid_queue_size(size):
             raise ValueError(f"queue size {size} is not a power of two in 1..32768 (2.7)")
         self.ram, self.size, self.event_idx = ram, size, event_idx
+        self.iova_offset = iova_offset
         self.desc_table = _place(ram, desc, desc_table_size(size), DESC_ALIGN, region)
         self.avail_ring = _place(ram, avail, avail_ring_size(size), AVAIL_ALIGN, region)
         self.used_ring = _place(ram, used, used_ring_size(size), USED_ALIGN, region)
@@ -154,6 +158,12 @@ class MockSplitQueue:
         gpa = RingAddresses(self.desc_table, self.avail_ring, self.used_ring)
         user = RingAddresses(*(self.ram.gpa_to_user(a) for a in gpa))
         return QueueAddresses(user, gpa)
+
+    def iova_addresses(self) -> RingAddresses:
+        """The ring addresses as the device sees them behind a vIOMMU (SET_VRING_ADDR then)."""
+        return RingAddresses(self.desc_table + self.iova_offset,
+                             self.avail_ring + self.iova_offset,
+                             self.used_ring + self.iova_offset)
 
     # -- supplying buffers (2.7.13) ------------------------------------------------------------
 
@@ -233,7 +243,8 @@ class MockSplitQueue:
         for i, (gpa, n, w) in enumerate(buffers):
             last = i == len(buffers) - 1
             flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if w else 0)
-            self.write_raw_desc(descs[i], gpa, n, flags, 0 if last else descs[i + 1])
+            self.write_raw_desc(descs[i], gpa + self.iova_offset, n, flags,
+                                0 if last else descs[i + 1])
         return _Chain(descs, [(g, n) for g, n, w in buffers if w])
 
     def _build_indirect(self, buffers: "Sequence[tuple[int, int, bool]]") -> _Chain:
@@ -244,10 +255,11 @@ class MockSplitQueue:
         for i, (gpa, n, w) in enumerate(buffers):
             last = i == len(buffers) - 1
             flags = (0 if last else VIRTQ_DESC_F_NEXT) | (VIRTQ_DESC_F_WRITE if w else 0)
-            entries.append((gpa, n, flags, 0 if last else i + 1))
+            entries.append((gpa + self.iova_offset, n, flags, 0 if last else i + 1))
         self.write_raw_indirect_table(table, entries)
         head = self._free.popleft()
-        self.write_raw_desc(head, table, DESC_SIZE * len(buffers), VIRTQ_DESC_F_INDIRECT, 0)
+        self.write_raw_desc(head, table + self.iova_offset, DESC_SIZE * len(buffers),
+                            VIRTQ_DESC_F_INDIRECT, 0)
         return _Chain([head], [(g, n) for g, n, w in buffers if w], [(table, cls)])
 
     # -- receiving used buffers (2.7.14) -------------------------------------------------------

@@ -23,15 +23,19 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from pyvhost.fd import OwnedFd, close_all
 from pyvhost.protocol import (
     EMPTY,
     FRONTEND_REPLIES,
+    BackendRequest,
+    FrontendChannel,
+    IotlbMsg,
     MAX_FDS,
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -52,6 +56,7 @@ from pyvhost.protocol import (
     VringState,
 )
 from pyvhost.protocol.codec import HEADER, frontend_reply_spec
+from pyvhost.protocol.constants import IotlbType
 from pyvhost.testing.driver import MockSplitQueue, RingAddresses
 from pyvhost.testing.packed_driver import MockPackedQueue
 from pyvhost.testing.guest_ram import GuestRam, Region
@@ -60,6 +65,12 @@ R = FrontendRequest
 P = ProtocolFeature
 
 DEFAULT_TIMEOUT = 5.0
+VIRTIO_F_IOMMU_PLATFORM = 33
+PAGE = 4096
+
+#: What a vIOMMU answers to an IOTLB miss (iova, access 1 read / 2 write): the UPDATEs to send
+#: as (iova, size, user address, perm), or none (an IOVA it does not map).
+MissHandler = Callable[[int, int], "list[tuple[int, int, int, int]]"]
 
 # struct virtio_net_hdr_mrg_rxbuf (virtio 1.x 5.1.6): the header is 12 bytes whenever
 # VIRTIO_F_VERSION_1 or VIRTIO_NET_F_MRG_RXBUF is negotiated; num_buffers is its last u16.
@@ -158,6 +169,14 @@ class VhostUserFrontend:
         self._queues: dict[int, _Queue] = {}
         self._broken: str | None = None
         self._closed = False
+        # One request and its reply at a time: the IOTLB miss thread sends UPDATEs too.
+        self._lock = threading.RLock()
+        #: Device IOTLB: the back-end channel (SET_BACKEND_REQ_FD), its reader, the misses it
+        #: received (iova, access) and the UPDATEs sent for them.
+        self._backend_sock: socket.socket | None = None
+        self._miss_thread: threading.Thread | None = None
+        self.misses: list[tuple[int, int]] = []
+        self.miss_updates = 0
         if sock is None:
             assert path is not None  # checked above: exactly one of them is given
             sock = _connect(path, connect_timeout)
@@ -189,6 +208,11 @@ class VhostUserFrontend:
         if self._closed:
             return
         self._closed = True
+        if self._backend_sock is not None:
+            self._backend_sock.shutdown(socket.SHUT_RDWR)
+            if self._miss_thread is not None:
+                self._miss_thread.join(self.timeout)
+            self._backend_sock.close()
         for q in self._queues.values():
             close_all([fd for fd in (q.kick, q.call) if fd is not None])
         self._queues.clear()
@@ -225,16 +249,17 @@ class VhostUserFrontend:
         """Send a request and wait for its answer: the reply payload, or None when there is
         none (or the ack said 0). A failing ack raises RequestFailed. fds that ride with a
         reply are closed; use send() + recv_reply() to keep them."""
-        if self._pending:
-            raise FrontendError(f"{len(self._pending)} earlier replies not yet collected; "
-                                "call recv_reply() first")
-        if not self.send(req, payload, fds, need_reply):
-            return None
-        with self.recv_reply(timeout) as reply:
-            if _own_reply(req, self._proto.negotiation.protocol_features):
-                return reply.payload
-            _check_ack(reply)
-            return None
+        with self._lock:
+            if self._pending:
+                raise FrontendError(f"{len(self._pending)} earlier replies not yet collected; "
+                                    "call recv_reply() first")
+            if not self.send(req, payload, fds, need_reply):
+                return None
+            with self.recv_reply(timeout) as reply:
+                if _own_reply(req, self._proto.negotiation.protocol_features):
+                    return reply.payload
+                _check_ack(reply)
+                return None
 
     def send_raw(self, data: bytes, fds: Sequence[OwnedFd | int] = (), *,
                  expect_reply: bool = False) -> None:
@@ -344,6 +369,81 @@ class VhostUserFrontend:
         assert fd is not None
         self._acked(R.SET_INFLIGHT_FD, desc, [fd])
 
+    # -- device IOTLB (VIRTIO_F_IOMMU_PLATFORM) -------------------------------------------------
+
+    @property
+    def iotlb(self) -> bool:
+        """VIRTIO_F_IOMMU_PLATFORM negotiated: ring and buffer addresses are IOVAs."""
+        return bool(self.negotiated and self.negotiated.features >> VIRTIO_F_IOMMU_PLATFORM & 1)
+
+    def iotlb_update(self, iova: int, size: int, uaddr: int, perm: int = 3) -> None:
+        """IOTLB_MSG UPDATE (QEMU: always NEED_REPLY); a refusal raises RequestFailed."""
+        self._iotlb_msg(IotlbMsg(iova, size, uaddr, perm, IotlbType.UPDATE))
+
+    def iotlb_invalidate(self, iova: int, size: int) -> None:
+        """IOTLB_MSG INVALIDATE of [iova, iova+size); returns once the back-end acked it."""
+        self._iotlb_msg(IotlbMsg(iova, size, 0, 0, IotlbType.INVALIDATE))
+
+    def _iotlb_msg(self, msg: IotlbMsg) -> None:
+        reply = self.request(R.IOTLB_MSG, msg, need_reply=True)
+        assert isinstance(reply, U64)
+        if reply.value != 0:
+            raise RequestFailed(R.IOTLB_MSG, reply.value)
+
+    def serve_iotlb_misses(self, handler: MissHandler) -> None:
+        """SET_BACKEND_REQ_FD, and a thread that answers each IOTLB miss the back-end sends
+        with the UPDATEs `handler` gives (on the main socket, between this front-end's other
+        requests, as QEMU does). Needs BACKEND_REQ and REPLY_ACK negotiated."""
+        self._require(P.BACKEND_REQ)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._acked(R.SET_BACKEND_REQ_FD, EMPTY, [theirs.fileno()])
+        finally:
+            theirs.close()
+        self._backend_sock = ours
+        channel = FrontendChannel(self._proto.negotiation)
+        self._miss_thread = threading.Thread(target=self._serve_misses,
+                                             args=(ours, channel, handler),
+                                             name="frontend-iotlb", daemon=True)
+        self._miss_thread.start()
+
+    def _serve_misses(self, sock: socket.socket, channel: FrontendChannel,
+                      handler: MissHandler) -> None:
+        while True:
+            try:
+                data = sock.recv(4096)
+            except OSError:
+                return
+            if not data:
+                return
+            for msg in channel.receive(data):
+                with msg:
+                    p = msg.payload
+                    if msg.request != BackendRequest.IOTLB_MSG or not isinstance(p, IotlbMsg) \
+                            or p.type != IotlbType.MISS:
+                        continue
+                    self.misses.append((p.iova, p.perm))
+                    for iova, size, uaddr, perm in handler(p.iova, p.perm):
+                        if self._closed:
+                            return
+                        try:
+                            self.iotlb_update(iova, size, uaddr, perm)
+                        except FrontendError:
+                            continue
+                        self.miss_updates += 1
+
+    def identity_pages(self, ram: GuestRam, iova_offset: int, perm: int = 3) -> MissHandler:
+        """A vIOMMU that maps IOVA `gpa + iova_offset` to every page of `ram`, one 4 KiB page
+        per UPDATE (what QEMU sends)."""
+        def handler(iova: int, _access: int) -> list[tuple[int, int, int, int]]:
+            page = iova & ~(PAGE - 1)
+            try:
+                uaddr = ram.gpa_to_user(page - iova_offset)
+            except Exception:
+                return []
+            return [(page, PAGE, uaddr, perm)]
+        return handler
+
     # -- queues --------------------------------------------------------------------------------
 
     def setup_queue(self, index: int, driver: MockSplitQueue | MockPackedQueue, *, kick: bool = True,
@@ -366,7 +466,11 @@ class VhostUserFrontend:
         """SET_VRING_ADDR; by default the queue's driver's current user addresses (after e.g.
         ram.move_region(), to move the rings)."""
         if addrs is None:
-            addrs = self._queue(index).driver.ring_addresses().user
+            driver = self._queue(index).driver
+            if self.iotlb and isinstance(driver, MockSplitQueue):
+                addrs = driver.iova_addresses()  # behind a vIOMMU (split driver only)
+            else:
+                addrs = driver.ring_addresses().user
         payload = VringAddr(index, flags, addrs.desc_table, addrs.used_ring, addrs.avail_ring,
                             log)
         self._acked(R.SET_VRING_ADDR, payload)

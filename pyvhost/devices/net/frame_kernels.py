@@ -181,6 +181,8 @@ def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, len
         h, end, _total = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
         if h == -1:
             return -1, False
+        if h == -3:  # an IOTLB miss: the rest waits for the entry
+            break
         if h == -2:
             K.fail(q, E.CHAIN_TOO_LONG, -1)
             return -1, False
@@ -288,6 +290,8 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
             h, end, _t = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
             if h == -1:
                 return -1, 0, False
+            if h == -3:  # an IOTLB miss: the frame waits (its chains given back below)
+                break
             if h == -2:  # segments full; nothing consumed
                 if nchains + nbad == 0:
                     K.fail(q, E.CHAIN_TOO_LONG, -1)
