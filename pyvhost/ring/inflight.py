@@ -314,6 +314,8 @@ def pop_burst_inflight(mem, q, views, iv, max_chains, heads, chain_end, seg_addr
             head, pos2, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
         if head == -1:
             return -1
+        if head == -3:  # an IOTLB miss: the burst ends before this chain
+            return k
         if head == -2:
             if k == 0:
                 K.fail(q, E.CHAIN_TOO_LONG, -1)
