@@ -243,7 +243,8 @@ def test_logging_off_and_a_new_log(tmp_path):
 def _kernel_memory(log_addr: int, log_size: int) -> tuple:
     """A KernelMemory with no regions and a log (log_ranges translates nothing)."""
     empty = np.zeros(0, np.int64)
-    return (empty, empty, empty, empty, empty, np.array([log_addr, log_size], np.int64))
+    return (empty, empty, empty, empty, empty, np.array([log_addr, log_size], np.int64),
+            empty, empty, empty)  # no device IOTLB (KM_PERM, KM_RUN_GPA, KM_IOTLB)
 
 
 @pytest.mark.parametrize("misalign", [0, 3])  # an 8-byte aligned log (word ORs) or not (bytes)

@@ -32,7 +32,8 @@ from pyvhost.fd import OwnedFd
 from pyvhost.memory.dirty_log import NO_LOG, DirtyLog
 from pyvhost.memory.epoch import EpochDomain, GraceTimeout
 from pyvhost.memory.errors import BadRegionError
-from pyvhost.memory.iotlb import BadIotlbEntry, Iotlb, IotlbEntry, IotlbTable, resolve
+from pyvhost.memory.iotlb import (BadIotlbEntry, Iotlb, IotlbEntry, IotlbTable, Run,
+                                  insert_run, resolve)
 from pyvhost.memory.region import MappedRegion, RegionSpec
 from pyvhost.memory.table import RegionTable
 
@@ -87,6 +88,7 @@ class GuestMemory:
         #: The device IOTLB while VIRTIO_F_IOMMU_PLATFORM is acked, else None.
         self.iotlb: Iotlb | None = None
         self._iotlb_listeners: list[IotlbListener] = []
+        self._runs: list[Run] = []  # the IOTLB's runs over `regions` (the writer's copy)
         self.grace = GraceStats()
         self.grace_timeout = grace_timeout
         self.leaked_mappings = 0
@@ -140,10 +142,14 @@ class GuestMemory:
                 raise BadIotlbEntry(f"entry IOVA 0x{entry.iova:x}+0x{entry.size:x}: user "
                                     f"address 0x{entry.uaddr:x} is outside every memory "
                                     "region") from exc
+            size, evictions = len(iotlb), iotlb.stats.evictions
             changed = iotlb.update(entry)
             iotlb.stats.updates += 1
             if changed:
-                new = IotlbTable(self.regions, resolve(iotlb.entries(), self.regions))
+                plain = len(iotlb) == size + 1 and iotlb.stats.evictions == evictions
+                if not (plain and insert_run(self._runs, entry, self.regions)):
+                    self._runs = resolve(iotlb.entries(), self.regions)
+                new = IotlbTable(self.regions, self._runs)
                 new.kernel()
                 self.table = new
             return changed
@@ -161,7 +167,8 @@ class GuestMemory:
             if not gone:
                 return 0
             old = self.table
-            new = IotlbTable(self.regions, resolve(iotlb.entries(), self.regions))
+            self._runs = resolve(iotlb.entries(), self.regions)
+            new = IotlbTable(self.regions, self._runs)
             new.kernel()
             self.table = new
             end = iova + size
@@ -294,7 +301,8 @@ class GuestMemory:
         snapshot over it (entries resolved again: a region may have gone)."""
         new = regions
         if self.iotlb is not None:
-            new = IotlbTable(regions, resolve(self.iotlb.entries(), regions))
+            self._runs = resolve(self.iotlb.entries(), regions)
+            new = IotlbTable(regions, self._runs)
         new.kernel()  # built here, not on a worker's first burst
         old, old_regions = self.table, self.regions
         self.regions, self.table = regions, new

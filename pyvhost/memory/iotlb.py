@@ -188,6 +188,46 @@ class Run(NamedTuple):
         return self.region.spec.guest_phys_addr + self.offset
 
 
+def insert_run(runs: list[Run], entry: IotlbEntry, regions: RegionTable) -> bool:
+    """Add one entry that overlaps no other to `runs` (sorted), joining it with its neighbours
+    as `resolve` would: the common UPDATE costs a search, not a rebuild of every run. False
+    (nothing changed) when it does not lie in one region: call `resolve` then."""
+    region = regions.region_at_user(UserAddress(entry.uaddr))
+    if region is None:
+        return False
+    offset = entry.uaddr - region.spec.userspace_addr
+    if entry.size > region.spec.memory_size - offset:
+        return False
+    new = Run(entry.iova, entry.size, region, offset, entry.perm)
+    i = _bisect_runs(runs, entry.iova)
+    if i > 0:
+        prev = runs[i - 1]
+        if (prev.end == new.iova and prev.region is region and prev.perm == new.perm
+                and prev.offset + prev.size == offset):
+            new = Run(prev.iova, prev.size + new.size, region, prev.offset, new.perm)
+            i -= 1
+            del runs[i]
+    if i < len(runs):
+        nxt = runs[i]
+        if (new.end == nxt.iova and nxt.region is region and nxt.perm == new.perm
+                and new.offset + new.size == nxt.offset):
+            new = Run(new.iova, new.size + nxt.size, region, new.offset, new.perm)
+            del runs[i]
+    runs.insert(i, new)
+    return True
+
+
+def _bisect_runs(runs: list[Run], iova: int) -> int:
+    lo, hi = 0, len(runs)
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if runs[mid].iova < iova:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def resolve(entries: tuple[IotlbEntry, ...], regions: RegionTable) -> list[Run]:
     """The runs of `entries` over `regions`. A part of an entry outside every region is left
     out (its use is then a miss: the frontend checked the entry against the regions it sent,
