@@ -988,6 +988,10 @@ class Backend:
             self._stop_ring(vr)
             if not keep_ring_positions:
                 vr.queue.reset()
+        if self.memory.iotlb is not None:
+            # A stopped device gets no invalidations (QEMU unregisters its IOMMU notifier): the
+            # guest may remap IOVAs before the next start, so forget every entry now.
+            self.memory.iotlb_flush()
         self.device.reset()
         self.device.set_features(self.features)
         self.status = 0

@@ -154,6 +154,13 @@ class GuestMemory:
                 self.table = new
             return changed
 
+    def iotlb_flush(self) -> None:
+        """Forget every IOTLB entry (the device stopped), after a grace period."""
+        with self._writer:
+            if self.iotlb is not None and len(self.iotlb):
+                self.iotlb.clear()
+                self._publish_locked(self.regions)
+
     def iotlb_invalidate(self, iova: int, size: int) -> int:
         """IOTLB_MSG INVALIDATE: returns (the number of entries removed) after the grace
         period. Raises BadIotlbEntry for a range that is not one."""
