@@ -348,6 +348,10 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--print-capabilities", action="store_true",
                         help="print the backend capabilities (JSON, vhost-user.json) on stdout "
                              "and exit; other options are ignored")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile (or load from numba's cache) the device's kernels, then "
+                             "exit without serving: for an image build or a test run that "
+                             "should not compile in its first connection")
     parser.add_argument("--client", action="store_true",
                         help="connect to a listening frontend at --socket-path (reconnect with "
                              "back-off) instead of listening")
@@ -456,6 +460,8 @@ def _device_class(command: DeviceCommand, args: argparse.Namespace,
 
 
 def check_common_options(args: argparse.Namespace) -> None:
+    if args.compile_only:
+        return  # no socket: it serves nothing
     if (args.socket_path is None) == (args.fd is None):
         raise UsageError("give one of --socket-path PATH and --fd FD" if args.fd is None else
                          "--socket-path and --fd are incompatible: give one of them")
@@ -517,6 +523,15 @@ def serve(command: DeviceCommand, cls: type[Device], args: argparse.Namespace) -
             listener.close()
         log.error("%s", exc)
         return 1
+    if args.compile_only:
+        from pyvhost.daemon.server import warm_up_device
+
+        try:
+            seconds = warm_up_device(setup.factory)
+        finally:
+            setup.close()
+        log.info("%s: kernels compiled or loaded in %.1f s", command.name, seconds)
+        return 0
     options = BackendOptions(metadata_access=args.metadata_access, poll=args.poll,
                              workers=args.workers, bench_log_all=args.bench_log_all)
     if args.bench_log_all:

@@ -6,4 +6,11 @@ set -euo pipefail
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 bash "$REPO_ROOT/scripts/setup.sh"
 cd "$REPO_ROOT"
+# Compile every built-in device's kernels once, before any test: on a fresh machine numba's
+# cache is empty, and a kernel compiled inside a test competes with that test's deadlines
+# (a net warm-up compiles for minutes on 2 cores). Later processes load them from the cache.
+for device in "net --source loopback" "blk --null 1M" "rng"; do
+    # shellcheck disable=SC2086
+    .venv/bin/pyvhost $device --compile-only --log-level INFO
+done
 exec .venv/bin/python -m pytest -q "$@"

@@ -30,7 +30,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
         [sys.executable, "-m", "pyvhost", "bench", "--quick", "--no-huge", "--out-dir", str(out)],
-        capture_output=True, text=True, timeout=600)
+        capture_output=True, text=True, timeout=1500)  # TX, RX, loopback, TAP rows
     return proc, out
 
 

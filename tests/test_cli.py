@@ -40,6 +40,17 @@ def test_bad_arguments_exit_nonzero():
     assert out.returncode == 2 and "--metadata-access" in out.stderr
 
 
+def test_compile_only_warms_up_and_exits_without_serving(tmp_path):
+    """`--compile-only` (scripts/test.sh runs it before the suite): kernels compiled or loaded,
+    exit 0, no socket made and nothing served."""
+    out = subprocess.run([sys.executable, "-m", "pyvhost", "rng", "--compile-only",
+                          "--log-level", "INFO"], capture_output=True, text=True,
+                         timeout=1200, cwd=tmp_path)  # a cold numba cache compiles for minutes
+    assert out.returncode == 0, out.stderr
+    assert "kernels compiled or loaded" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_serves_prints_stats_and_exits_cleanly_on_signal(tmp_path, signum):
     sock, stats = tmp_path / "net.sock", tmp_path / "stats.json"

@@ -50,6 +50,15 @@ def _warm_up_packed() -> None:
     q.avail_target(RegionTable())
 
 
+def warm_up_device(device_factory: Callable[[], Device]) -> float:
+    """Make one device, compile (or load) its kernels and the ring's; returns the seconds."""
+    device = device_factory()
+    t0 = time.monotonic()
+    device.warm_up()
+    _warm_up_packed()
+    return time.monotonic() - t0
+
+
 class Server:
     def __init__(self, device_factory: Callable[[], Device], socket_path: str | None = None, *,
                  listener: Listener | None = None, client: bool = False,
@@ -90,11 +99,8 @@ class Server:
     def warm_up(self) -> None:
         """Make one device and call its `warm_up()`: its kernels compile (or load from numba's
         cache) now rather than in the first frontend's first burst."""
-        device = self.device_factory()
-        t0 = time.monotonic()
-        device.warm_up()
-        _warm_up_packed()
-        log.debug("%s device warmed up in %.2f s", device.name, time.monotonic() - t0)
+        seconds = warm_up_device(self.device_factory)
+        log.debug("device warmed up in %.2f s", seconds)
 
     def serve_forever(self) -> None:
         """Warm up, listen (or connect), and serve frontends until `stop()`, or until
