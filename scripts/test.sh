@@ -11,7 +11,7 @@ cd "$REPO_ROOT"
 # (a net warm-up compiles for minutes on 2 cores). Later processes load them from the cache.
 for device in "net --source loopback" "blk --null 1M" "rng"; do
     # shellcheck disable=SC2086
-    .venv/bin/pyvhost $device --compile-only --log-level INFO ||
+    timeout 1800 .venv/bin/pyvhost $device --compile-only --log-level INFO ||
         echo "test.sh: pyvhost $device --compile-only failed; its tests will compile" >&2
 done
 exec .venv/bin/python -m pytest -q "$@"
