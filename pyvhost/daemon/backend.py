@@ -773,9 +773,12 @@ class Backend:
 
     def _set_backend_req_fd(self, msg: Message) -> None:
         fd = msg.take_fd()
+        dup = os.dup(fd.fileno())
         try:
-            sock = socket.socket(fileno=os.dup(fd.fileno()))
+            sock = socket.socket(fileno=dup)
         except OSError as exc:
+            # socket() leaves an fd it cannot use open: a memfd sent here once leaked its dup.
+            os.close(dup)
             fd.close()
             raise RequestRefused(f"back-end channel fd is not a socket: {exc}") from exc
         if sock.family != socket.AF_UNIX:
