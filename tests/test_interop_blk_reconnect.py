@@ -7,11 +7,12 @@ The host writes a random pattern into the image's first 4 MiB. In the guest, fou
 copy it (O_DIRECT reads and writes, 4 KiB each, then fsync) into four other 4 MiB ranges,
 several passes each. Meanwhile pyvhost is SIGKILLed and started again; QEMU
 reconnects, sends back the inflight area it kept, and the new process resubmits what the
-dead one had in flight (it is killed again, up to 8 times, until two kills have caught
-requests in flight). Then:
+dead one had in flight. Each kill lands at a moment the backend has requests in flight: the
+test stops it (SIGSTOP) until its inflight area, read through /proc, shows some; it is killed
+again, up to 8 times, until two kills have caught requests in flight. Then:
 
 - every writer exited 0 and the guest logged no I/O error (the guest never noticed);
-- restarts resubmitted requests (the kills caught writes in flight);
+- restarts resubmitted exactly the requests the dead process had in flight;
 - the guest reads every copy back (caches dropped) with the pattern's MD5, and the host finds
   the pattern in each range of the image file.
 
@@ -103,18 +104,25 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
                 vm.run(_writers_script(disk), check=True)
                 t = time.monotonic()
                 current = first
-                # Kill until two kills caught requests in flight (most do not: the guest's
-                # TCG CPU, not the device, is the slow side), at most MAX_KILLS times.
+                # Kill until two kills caught requests in flight, at most MAX_KILLS times. A
+                # kill at a random moment rarely does (the guest's TCG CPU, not the device, is
+                # the slow side): each kill waits for a moment the backend's own inflight area
+                # shows requests in flight.
                 while len(resubmitted) < MAX_KILLS and sum(map(bool, resubmitted)) < 2:
                     wait_log(current, r"queue 0 started")
-                    time.sleep(0.5 + random.random())  # the writers are at it
+                    time.sleep(0.2 + random.random() / 2)  # the writers are at it
                     assert _writers_done(vm) < WRITERS, "the writers finished before the kills"
-                    _sigkill(current)
+                    caught = _sigkill_with_requests_in_flight(current, timeout=20)
                     current = start_backend()
                     wait_log(current, r"frontend connected")
                     wait_log(current, r"queue 0 started")
                     m = re.search(r"queue 0: (\d+) requests in flight resubmitted", current.log)
                     resubmitted.append(int(m[1]) if m else 0)
+                    # Every head the dead process had marked is served again, but for those
+                    # of a batch it had published (used) and not yet cleared.
+                    c = re.search(r"(\d+) heads of the last published batch cleared", current.log)
+                    assert resubmitted[-1] + (int(c[1]) if c else 0) == caught, \
+                        (caught, current.log[-4000:])
                 timings["kills and restarts"] = time.monotonic() - t
                 t = time.monotonic()
                 rcs = _wait_writers(vm, timeout=600)
@@ -148,6 +156,50 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
     print(f"\n[blk reconnect] {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}, "
           f"whole test {time.monotonic() - t0:.1f} s; resubmitted per restart {resubmitted}")
     assert sum(map(bool, resubmitted)) >= 2, f"kills that caught requests: {resubmitted}"
+
+
+def _inflight_heads(pid: int) -> int:
+    """Heads marked in flight in the inflight area the (stopped) backend holds, read through its
+    memfd in /proc: queue region 0 (one queue), desc[i].inflight at 16 + 16 * i."""
+    heads = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pyvhost-inflight"):
+                continue
+            area = Path(f"/proc/{pid}/fd/{fd}").read_bytes()
+        except OSError:  # closed meanwhile
+            continue
+        desc_num = int.from_bytes(area[10:12], "little")
+        heads = max(heads, sum(area[16 + 16 * i] == 1 for i in range(desc_num)))
+    return heads
+
+
+def _stopped(pid: int) -> bool:
+    """Every thread of the process is in group stop."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+        except OSError:
+            continue
+        if stat.rsplit(")", 1)[1].split()[0] not in ("T", "t"):
+            return False
+    return True
+
+
+def _sigkill_with_requests_in_flight(d: PyvhostDaemon, timeout: float) -> int:
+    """SIGSTOP the backend until a stop finds requests in flight, then SIGKILL it there (after
+    `timeout`, wherever it is). Returns the heads it had in flight (0: none caught)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        os.kill(d.pid, signal.SIGSTOP)
+        while not _stopped(d.pid):
+            time.sleep(0.001)
+        heads = _inflight_heads(d.pid)
+        if heads or time.monotonic() > deadline:
+            _sigkill(d)
+            return heads
+        os.kill(d.pid, signal.SIGCONT)
+        time.sleep(random.random() / 50)
 
 
 def _sigkill(d: PyvhostDaemon) -> None:
