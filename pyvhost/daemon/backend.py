@@ -520,7 +520,14 @@ class Backend:
         vr = self.vrings[index]
         self._finish_available(vr, "GET_VRING_BASE")
         self._stop_ring(vr)
-        log.info("%s: GET_VRING_BASE queue %d: %#x", self.name, index, vr.queue.base)
+        q = vr.queue
+        if q.packed:
+            b = q.packed_base
+            where = (f"next avail {b.avail} (wrap {b.avail_wrap}), next used {b.used} "
+                     f"(wrap {b.used_wrap}): {q.base:#x}")
+        else:
+            where = f"next avail {q.base}"
+        log.info("%s: GET_VRING_BASE queue %d: %s", self.name, index, where)
         if self.log_fd is not None and self.memory.log_all:
             self.log_fd.signal()  # every bit of this ring is set (its bursts flushed them)
         return VringState(index, vr.queue.base)
