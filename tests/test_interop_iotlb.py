@@ -1,10 +1,5 @@
 """A Linux guest behind a vIOMMU on the network through pyvhost: the device IOTLB with QEMU.
 
-NOT IN THE SUITE YET (its name does not match test_*.py): it has never been seen passing here —
-every try ended in the daemon's cold numba compile outlasting 600 s on a loaded machine, before a
-guest booted. Run it by name: `.venv/bin/python -m pytest -s tests/pending_interop_iotlb.py`;
-once it passes, rename it back to tests/test_interop_iotlb.py (issue #13).
-
     q35 + intel-iommu (device-iotlb) ── pcie-root-port ── virtio-net-pci iommu_platform=on,ats=on
         guest eth0 192.0.2.2 ── pyvhost net --tap NAME ── TAP NAME (a namespace, 192.0.2.1)
 
