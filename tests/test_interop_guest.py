@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -31,11 +32,11 @@ from pyvhost.ring.packed_layout import VIRTIO_F_RING_PACKED
 from pyvhost.testing.testbed import (
     GuestVM,
     NetNamespace,
+    PyvhostDaemon,
     find_qemu,
     guest_image_paths,
     unique_name,
     vhost_user_net_args,
-    wait_for_socket,
 )
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
@@ -131,6 +132,30 @@ def _qemu_and_guest_present():
     guest_image_paths()  # raises with a hint: scripts/build-guest.sh
 
 
+def tap_daemon(ns: NetNamespace, sock: Path, tap: str, stats_path: Path,
+               *options: str) -> PyvhostDaemon:
+    """`pyvhost net --tap TAP` in the namespace, so its TAP is created there."""
+    return PyvhostDaemon(["net", "--socket-path", sock, "--tap", tap, "--stats-json", stats_path,
+                          "--stats-interval", "0", *options], netns=ns.name, name="net-tap")
+
+
+@contextmanager
+def server_in(ns: NetNamespace, script: str, *args: str) -> Iterator[subprocess.Popen]:
+    """A Python script in the namespace, once it printed "ready"; killed if still running at
+    the end (a test reads what it prints with communicate())."""
+    server = ns.popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE,
+                      stderr=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "ready", server.stderr.read()
+        yield server
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.communicate()
+        server.stdout.close()
+        server.stderr.close()
+
+
 def rtt_ms(ping_output: str) -> tuple[float, float, float]:
     """(min, avg, max) from iputils' 'rtt min/avg/max/mdev' or busybox's 'round-trip' line."""
     m = re.search(r"(?:rtt|round-trip) min/avg/max(?:/mdev)? = ([\d.]+)/([\d.]+)/([\d.]+)",
@@ -150,32 +175,24 @@ def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, met
                                                              ring):
     sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
     tap = "pvg" + unique_name("g")[-8:].replace("-", "")
-    with NetNamespace() as ns:
-        daemon = ns.popen(
-            [sys.executable, "-m", "pyvhost", "net", "--socket-path", str(sock), "--tap", tap,
-             "--metadata-access", metadata_access, "--stats-json", str(stats_path),
-             "--stats-interval", "0"],
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
-        server = None
-        try:
-            wait_for_socket(sock, timeout=120)
-            ns.add_address(tap, f"{HOST_IP}/24")
-            props = {"packed": "on"} if ring == "packed" else {}
-            with GuestVM(vhost_user_net_args(sock, **props)) as vm:
-                vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
-                # The driver's negotiated features: one character per bit, bit 0 first.
-                guest_features = vm.run("cat /sys/class/net/eth0/device/features",
-                                        check=True).output.strip()
-                t0 = time.monotonic()
-                guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=60).output
-                host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
-                                   timeout=60, check=False).stdout
-                assert no_loss(guest_ping, 10), guest_ping
-                assert no_loss(host_ping, 10), host_ping
+    with NetNamespace() as ns, tap_daemon(ns, sock, tap, stats_path,
+                                          "--metadata-access", metadata_access) as daemon:
+        daemon.wait_listening(timeout=300)
+        ns.add_address(tap, f"{HOST_IP}/24")
+        props = {"packed": "on"} if ring == "packed" else {}
+        with GuestVM(vhost_user_net_args(sock, **props)) as vm:
+            vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+            # The driver's negotiated features: one character per bit, bit 0 first.
+            guest_features = vm.run("cat /sys/class/net/eth0/device/features",
+                                    check=True).output.strip()
+            t0 = time.monotonic()
+            guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=60).output
+            host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
+                               timeout=60, check=False).stdout
+            assert no_loss(guest_ping, 10), guest_ping
+            assert no_loss(host_ping, 10), host_ping
 
-                server = ns.popen([sys.executable, "-c", TFTP_SERVER, HOST_IP, str(TFTP_PORT)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                assert server.stdout.readline().strip() == "ready", server.stderr.read()
+            with server_in(ns, TFTP_SERVER, HOST_IP, str(TFTP_PORT)) as server:
                 made = vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={FILE_MIB} 2>/dev/null"
                               " && md5sum /tmp/f", timeout=120, check=True).output
                 guest_md5 = made.split()[0]
@@ -188,20 +205,10 @@ def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, met
                               " && md5sum /tmp/g", timeout=150)
                 assert back.status == 0, back.output
                 out, err = server.communicate(timeout=30)
-                fetched = json.loads(out.strip().splitlines()[-1])
-                guest_stats = vm.run("cat /proc/net/dev").output
-                elapsed = time.monotonic() - t0
-        finally:
-            if server is not None and server.poll() is None:
-                server.kill()
-                server.communicate()
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-            try:
-                _, log = daemon.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                _, log = daemon.communicate()
+            fetched = json.loads(out.strip().splitlines()[-1])
+            guest_stats = vm.run("cat /proc/net/dev").output
+            elapsed = time.monotonic() - t0
+    log = daemon.log
     assert daemon.returncode == 0, log[-4000:]
     assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)
     assert back.output.split()[0] == guest_md5, back.output

@@ -15,23 +15,15 @@ and on the copy path. Command line and pitfalls: /work/shared/research notes, do
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from pyvhost.testing.testbed import (
-    GuestVM,
-    NetNamespace,
-    find_qemu,
-    guest_image_paths,
-    unique_name,
-    wait_for_socket,
-)
-from test_interop_guest import GUEST_IP, HOST_IP, TFTP_PORT, TFTP_SERVER, no_loss, rtt_ms
+from pyvhost.testing.testbed import (GuestVM, NetNamespace, find_qemu, guest_image_paths,
+                                     unique_name)
+from test_interop_guest import (GUEST_IP, HOST_IP, TFTP_PORT, TFTP_SERVER, no_loss, rtt_ms,
+                                server_in, tap_daemon)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -63,31 +55,22 @@ def test_guest_behind_viommu_pings_and_transfers(tmp_path: Path, mode, metadata_
     sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
     tap = "pvi" + unique_name("g")[-8:].replace("-", "")
     cmdline = "intel_iommu=on no_timer_check" + (" iommu.strict=1" if mode == "strict" else "")
-    with NetNamespace() as ns:
-        daemon = ns.popen(
-            [sys.executable, "-m", "pyvhost", "net", "--socket-path", str(sock), "--tap", tap,
-             "--metadata-access", metadata_access, "--stats-json", str(stats_path),
-             "--stats-interval", "0"],
-            stderr=subprocess.PIPE, text=True, start_new_session=True)
-        server = None
-        try:
-            wait_for_socket(sock, timeout=600)  # a cold numba cache compiles for minutes
-            ns.add_address(tap, f"{HOST_IP}/24")
-            with GuestVM(iommu_net_args(sock), kernel_cmdline=cmdline,
-                         boot_timeout=300) as vm:
-                group = vm.run("cat /sys/bus/pci/devices/*/iommu_group/type | sort -u").output
-                assert ("DMA-FQ" if mode == "lazy" else "DMA") in group.split(), group
-                vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
-                t0 = time.monotonic()
-                guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=90).output
-                host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
-                                   timeout=90, check=False).stdout
-                assert no_loss(guest_ping, 10), guest_ping
-                assert no_loss(host_ping, 10), host_ping
+    with NetNamespace() as ns, tap_daemon(ns, sock, tap, stats_path,
+                                          "--metadata-access", metadata_access) as daemon:
+        daemon.wait_listening(timeout=300)
+        ns.add_address(tap, f"{HOST_IP}/24")
+        with GuestVM(iommu_net_args(sock), kernel_cmdline=cmdline, boot_timeout=300) as vm:
+            group = vm.run("cat /sys/bus/pci/devices/*/iommu_group/type | sort -u").output
+            assert ("DMA-FQ" if mode == "lazy" else "DMA") in group.split(), group
+            vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+            t0 = time.monotonic()
+            guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=90).output
+            host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
+                               timeout=90, check=False).stdout
+            assert no_loss(guest_ping, 10), guest_ping
+            assert no_loss(host_ping, 10), host_ping
 
-                server = ns.popen([sys.executable, "-c", TFTP_SERVER, HOST_IP, str(TFTP_PORT)],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                assert server.stdout.readline().strip() == "ready", server.stderr.read()
+            with server_in(ns, TFTP_SERVER, HOST_IP, str(TFTP_PORT)) as server:
                 made = vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={FILE_MIB} 2>/dev/null"
                               " && md5sum /tmp/f", timeout=120, check=True).output
                 guest_md5 = made.split()[0]
@@ -99,20 +82,10 @@ def test_guest_behind_viommu_pings_and_transfers(tmp_path: Path, mode, metadata_
                               " && md5sum /tmp/g", timeout=300)
                 assert back.status == 0, back.output
                 out, err = server.communicate(timeout=30)
-                fetched = json.loads(out.strip().splitlines()[-1])
-                elapsed = time.monotonic() - t0
-                qemu_err = vm.qemu_stderr
-        finally:
-            if server is not None and server.poll() is None:
-                server.kill()
-                server.communicate()
-            if daemon.poll() is None:
-                daemon.send_signal(signal.SIGTERM)
-            try:
-                _, log = daemon.communicate(timeout=60)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                _, log = daemon.communicate()
+            fetched = json.loads(out.strip().splitlines()[-1])
+            elapsed = time.monotonic() - t0
+            qemu_err = vm.qemu_stderr
+    log = daemon.log
     assert daemon.returncode == 0, log[-4000:]
     assert "not supported" not in qemu_err, qemu_err[-2000:]
     assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)

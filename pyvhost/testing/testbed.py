@@ -604,13 +604,16 @@ class PyvhostDaemon:
     stderr and stdout go to one collector (`log`). `stop()` sends SIGTERM (the daemon
     writes --stats-json and exits), waits, then SIGKILLs; a socket it listened on is
     removed if still there. `env` entries are added to the environment (None removes one).
+    `netns`: run it inside that network namespace (`ip netns exec`, which execs: the pid is
+    the daemon's), e.g. so that the TAP it creates lives there.
     """
 
     def __init__(self, args: Sequence[str], *, cwd: Path | str | None = None,
                  env: dict[str, str | None] | None = None, name: str = "pyvhost",
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, netns: str | None = None):
         self.args = [str(a) for a in args]
-        self.argv = [*pyvhost_command(), *self.args]
+        self.argv = [*(["ip", "netns", "exec", netns] if netns else []), *pyvhost_command(),
+                     *self.args]
         self.cwd = cwd
         self.env = dict(os.environ)
         for key, value in (env or {}).items():
