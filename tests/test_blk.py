@@ -701,8 +701,8 @@ def _cuts(rnd: random.Random, n: int) -> list[tuple[int, int]]:
 # -- O_DIRECT and block devices ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("io_mode", ["threads"], indirect=True)  # O_DIRECT: threads
-def test_direct_io_aligned_and_bounced(tmp_path):
+@pytest.mark.parametrize("io_mode", ["uring", "threads"], indirect=True)
+def test_direct_io_aligned_and_bounced(tmp_path, io_mode):
     path = tmp_path / "disk.raw"
     data = make_image(path, 8192)  # 4 MiB
     model = bytearray(data)
@@ -736,6 +736,9 @@ def test_direct_io_aligned_and_bounced(tmp_path):
         if image.align > SECTOR:  # a 4 KiB-only O_DIRECT file: 512-byte requests refused
             assert blk.read(0, 1, SECTOR)[0] == B.S_IOERR
         assert blk.simple(0, [hdr(B.T_FLUSH)]) == B.S_OK
+        if io_mode == "uring":  # the aligned read went to io_uring; the two others bounced
+            counters = blk.device.stats()
+            assert counters["blk_bounced"] == 2 and counters["blk_uring_requests"] >= 2
     assert path.read_bytes() == bytes(model)
 
 
@@ -755,7 +758,7 @@ def loop_device(tmp_path):
 
 
 @pytest.mark.parametrize("io_mode,direct", [("uring", False), ("threads", False),
-                                            ("threads", True)],  # O_DIRECT: threads only
+                                            ("uring", True), ("threads", True)],
                          indirect=["io_mode"])
 def test_a_block_device_as_the_image(tmp_path, loop_device, direct):
     dev, backing, data = loop_device

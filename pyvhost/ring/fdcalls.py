@@ -1,4 +1,5 @@
-"""read(2), readv(2), writev(2) and errno, called from compiled kernels.
+"""read(2), readv(2), writev(2), pread(2), pwrite(2), fdatasync(2) and errno, called from
+compiled kernels.
 
 Why: a data path that moves frames between guest memory and a file descriptor (a TAP) must
 not come back to Python for each frame: a CPython `os.write` costs a microsecond or more on
@@ -80,3 +81,32 @@ def errno_value(typingctx):
         fn = _libc(builder, "__errno_location", _I32.as_pointer(), [])
         return builder.sext(builder.load(builder.call(fn, [])), _I64)
     return types.int64(), codegen
+
+
+@intrinsic
+def sys_pread(typingctx, fd, buf, count, offset):
+    """pread(fd, buf, count, offset) into host address `buf`. Returns bytes read or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "pread64", _I64, [_I32, _I8P, _I64, _I64])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 args[2], args[3]])
+    return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_pwrite(typingctx, fd, buf, count, offset):
+    """pwrite(fd, buf, count, offset) from host address `buf`. Returns bytes written or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "pwrite64", _I64, [_I32, _I8P, _I64, _I64])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 args[2], args[3]])
+    return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_fdatasync(typingctx, fd):
+    """fdatasync(fd). Returns 0 or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "fdatasync", _I32, [_I32])
+        return builder.sext(builder.call(fn, [builder.trunc(args[0], _I32)]), _I64)
+    return types.int64(types.int64), codegen

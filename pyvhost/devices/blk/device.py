@@ -4,8 +4,10 @@ Two data paths, the same answers to every request (tests/test_blk.py runs on bot
 - "uring" (default where io_uring works): the rings run in compiled code
   (`process_burst`, `uring_kernels.py`, one io_uring per queue, `uring_io.py`), reading and
   writing straight between the image and guest memory, one io_uring_enter per burst;
-- "threads" (`--io threads`, a host where io_uring is disabled, and O_DIRECT for now):
-  `handle()` below, with the I/O done by a thread pool.
+  With O_DIRECT (`--direct`) a request whose guest buffers are not aligned (rare: Linux
+  aligns them to pages) is bounced synchronously in the kernel (`bounced_rw`);
+- "threads" (`--io threads`, or a host where io_uring is disabled): `handle()` below, with the
+  I/O done by a thread pool.
 
 A request is one chain: the device-readable header `struct virtio_blk_outhdr {le32 type;
 le32 ioprio; le64 sector}` (sector in 512-byte units, always), then the data (readable for OUT,
@@ -122,10 +124,6 @@ def choose_io(io: str, image: BlkImage) -> str:
         raise ValueError(f"io {io!r}: one of {', '.join(IO_MODES)}")
     if io == "threads":
         return io
-    if image.direct:
-        if io == "uring":
-            raise ValueError("the io_uring path does not do O_DIRECT yet (use the I/O threads)")
-        return "threads"
     ok, why = U.available()
     if not ok:
         if io == "uring":
@@ -256,7 +254,8 @@ class BlkDevice(Device):
                 BK.ST_MAX_DISCARD_SEG: MAX_DISCARD_SEG,
                 BK.ST_MAX_DISCARD_SECTORS: MAX_DISCARD_SECTORS,
                 BK.ST_MAX_WZ_SEG: MAX_WRITE_ZEROES_SEG,
-                BK.ST_MAX_WZ_SECTORS: MAX_WRITE_ZEROES_SECTORS}
+                BK.ST_MAX_WZ_SECTORS: MAX_WRITE_ZEROES_SECTORS,
+                BK.ST_DIRECT: image.align if image.direct else 0}
 
     def _write_through_changed(self) -> None:
         """The compiled path reads it per request, as handle() does."""

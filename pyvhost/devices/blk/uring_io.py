@@ -21,6 +21,7 @@ grace periods never wait for the I/O.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any, Callable
 import numpy as np
 
 from pyvhost.devices.blk import uring_kernels as BK
+from pyvhost.devices.blk.io import BOUNCE_SIZE
 from pyvhost.memory.guest_memory import TablePin
 from pyvhost.memory.table import KernelMemory, RegionTable
 from pyvhost.ring import uring as U
@@ -78,7 +80,14 @@ class UringQueue:
         self.used_heads = np.zeros(max(queue_size, 1) + max_burst + 1, dtype=np.int64)
         self.cu = np.zeros(self.uring.cq_entries, dtype=np.int64)
         self.cr = np.zeros(self.uring.cq_entries, dtype=np.int64)
-        self.hdr = np.zeros(BK.HEADER_LEN, dtype=np.uint8)
+        # Headers and segments are parsed in `hdr`; with O_DIRECT it is also the bounce
+        # buffer of unaligned requests: page-aligned (an anonymous mapping), BOUNCE_SIZE bytes.
+        self._bounce_map: mmap.mmap | None = None
+        if self.st[BK.ST_DIRECT]:
+            self._bounce_map = mmap.mmap(-1, BOUNCE_SIZE)
+            self.hdr = np.frombuffer(self._bounce_map, dtype=np.uint8)
+        else:
+            self.hdr = np.zeros(BK.HEADER_LEN, dtype=np.uint8)
         self.serial = np.frombuffer(serial.ljust(BK.ID_BYTES, b"\0"), dtype=np.uint8).copy()
         self.efd_buf = np.zeros(1, dtype=np.int64)
         self._pin = pin
@@ -188,6 +197,10 @@ class UringQueue:
             self.closed = True
         self.uring.close()
         os.close(self.eventfd)
+        if self._bounce_map is not None:
+            self.hdr = np.zeros(BK.HEADER_LEN, dtype=np.uint8)  # the map's only view
+            self._bounce_map.close()
+            self._bounce_map = None
 
 
 def warm_up() -> None:

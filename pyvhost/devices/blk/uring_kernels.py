@@ -34,6 +34,7 @@ from pyvhost.ring import kernels as K
 from pyvhost.ring import uring as U
 from pyvhost.ring.chains import pop_requests
 from pyvhost.ring.errors import RingErrorCode as E
+from pyvhost.ring.fdcalls import EINTR, errno_value, sys_fdatasync, sys_pread, sys_pwrite
 from pyvhost.ring.hostmem import load_u8, store_u8
 from pyvhost.ring.inflight import publish_used_inflight
 from pyvhost.ring.jit import inlined_kernel, kernel
@@ -90,14 +91,16 @@ C_BAD_REQUESTS = 27
 C_NOTIFY = 28
 C_SUBMIT_ERRORS = 29   # io_uring_enter failures (requests then failed with IOERR)
 C_URING = 30           # requests submitted to io_uring
-ST_LEN = 32
+ST_DIRECT = 31         # O_DIRECT's alignment (bytes), 0 without O_DIRECT
+C_BOUNCED = 32         # O_DIRECT requests whose guest buffers were not aligned (bounced)
+ST_LEN = 34
 COUNTER_NAMES = {
     "blk_reads": C_READS, "blk_read_bytes": C_READ_BYTES, "blk_writes": C_WRITES,
     "blk_write_bytes": C_WRITE_BYTES, "blk_flushes": C_FLUSHES, "blk_discards": C_DISCARDS,
     "blk_write_zeroes": C_WRITE_ZEROES, "blk_get_id": C_GET_ID,
     "blk_unsupported": C_UNSUPPORTED, "blk_io_errors": C_IO_ERRORS, "blk_invalid": C_INVALID,
     "blk_bad_requests": C_BAD_REQUESTS, "blk_uring_submit_errors": C_SUBMIT_ERRORS,
-    "blk_uring_requests": C_URING,
+    "blk_uring_requests": C_URING, "blk_bounced": C_BOUNCED,
 }
 
 # -- inf: a row per head, the requests in flight --
@@ -138,6 +141,68 @@ def gather(piece_host, piece_len, a, b, offset, out, n):
         if got >= n:
             break
     return got
+
+
+@inlined_kernel
+def scatter(piece_host, piece_len, a, b, offset, src, n):
+    """Copy src[0:n] to `offset` of the concatenated pieces [a, b) (gather's inverse)."""
+    put = 0
+    for p in range(a, b):
+        ln = piece_len[p]
+        if offset >= ln:
+            offset -= ln
+            continue
+        take = min(ln - offset, n - put)
+        host = piece_host[p] + offset
+        for j in range(take):
+            store_u8(host + j, src[put + j])
+        put += take
+        offset = 0
+        if put >= n:
+            break
+    return put
+
+
+@inlined_kernel
+def misaligned(iov, first, count, align):
+    """True if one of `count` iovec pairs from `first` is not O_DIRECT-aligned (address or
+    length not a multiple of `align`)."""
+    mask = align - 1
+    for k in range(first, first + count):
+        if (iov[2 * k] & mask) or (iov[2 * k + 1] & mask):
+            return True
+    return False
+
+
+@kernel
+def bounced_rw(st, fd, write, pos, piece_host, piece_len, a, b, offset, length, bounce):
+    """O_DIRECT with guest buffers that are not aligned: the transfer goes through `bounce`
+    (page-aligned, a multiple of the alignment), a chunk at a time, synchronously (pread,
+    pwrite; then fdatasync when write-through). Rare: Linux aligns its buffers to pages. The
+    offsets and lengths are aligned (range_error checked them). Returns True when every byte
+    moved."""
+    chunk = bounce.shape[0]
+    addr = bounce.ctypes.data
+    done = 0
+    while done < length:
+        n = min(chunk, length - done)
+        if write:
+            gather(piece_host, piece_len, a, b, offset + done, bounce, n)
+            r = sys_pwrite(fd, addr, n, pos + done)
+        else:
+            r = sys_pread(fd, addr, n, pos + done)
+        if r < 0 and errno_value() == EINTR:
+            continue
+        if r != n:  # an error, or short (the image shrank?)
+            return False
+        if not write:
+            scatter(piece_host, piece_len, a, b, offset + done, bounce, n)
+        done += n
+    if write and st[ST_DSYNC]:
+        while sys_fdatasync(fd) < 0:
+            if errno_value() != EINTR:
+                return False
+    return True
 
 
 @inlined_kernel
@@ -499,6 +564,24 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
             if got < 0:  # not reached: iov had room for the most pieces a chain has
                 K.fail(q, E.DEVICE_FAILED, head)
                 return -1
+            if st[ST_DIRECT] > 0 and misaligned(iov, iov_pos, got, st[ST_DIRECT]):
+                # O_DIRECT refuses these buffers: bounced now, answered at once.
+                if rtype == T_IN:
+                    ok = bounced_rw(st, fd, False, sector * SECTOR, piece_host, piece_len, pw,
+                                    p1, 0, length, hdr)
+                    keep_log_ranges(inf, head, piece_gpa, piece_len, pw, p1, length)
+                    log_kept(mem, q, inf, head)
+                else:
+                    ok = bounced_rw(st, fd, True, sector * SECTOR, piece_host, piece_len, a,
+                                    pw, HEADER_LEN, length, hdr)
+                if ok:
+                    count_done(st, rtype, length)
+                st[C_BOUNCED] += 1
+                if not answer(mem, q, views, st, used_heads, shost, sgpa,
+                              S_OK if ok else S_IOERR, token, used):
+                    return -1
+                done += 1
+                continue
             nsub = (got + UIO_MAXIOV - 1) // UIO_MAXIOV  # preadv's limit a READV
         inf[head, F_STATUS] = S_OK
         inf[head, F_TOKEN] = token
