@@ -164,6 +164,18 @@ def scatter(piece_host, piece_len, a, b, offset, src, n):
 
 
 @inlined_kernel
+def log_pieces(mem, q, piece_gpa, piece_len, a, b, length):
+    """Dirty-log the first `length` bytes of the pieces [a, b), written just now."""
+    left = length
+    for p in range(a, b):
+        if left <= 0:
+            break
+        take = min(piece_len[p], left)
+        K.log_write(mem, q, piece_gpa[p], take)
+        left -= take
+
+
+@inlined_kernel
 def misaligned(iov, first, count, align):
     """True if one of `count` iovec pairs from `first` is not O_DIRECT-aligned (address or
     length not a multiple of `align`)."""
@@ -499,15 +511,8 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
                 status = S_IOERR
             else:
                 # The serial into the writable buffers, in order across them.
-                off = 0
-                for p in range(pw, p1):
-                    if off >= ID_BYTES:
-                        break
-                    take = min(piece_len[p], ID_BYTES - off)
-                    for j in range(take):
-                        store_u8(piece_host[p] + j, serial[off + j])
-                    K.log_write(mem, q, piece_gpa[p], take)
-                    off += take
+                scatter(piece_host, piece_len, pw, p1, 0, serial, ID_BYTES)
+                log_pieces(mem, q, piece_gpa, piece_len, pw, p1, ID_BYTES)
                 st[C_GET_ID] += 1
         elif rtype == T_DISCARD or rtype == T_WRITE_ZEROES:
             zero = rtype == T_WRITE_ZEROES
@@ -569,8 +574,7 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
                 if rtype == T_IN:
                     ok = bounced_rw(st, fd, False, sector * SECTOR, piece_host, piece_len, pw,
                                     p1, 0, length, hdr)
-                    keep_log_ranges(inf, head, piece_gpa, piece_len, pw, p1, length)
-                    log_kept(mem, q, inf, head)
+                    log_pieces(mem, q, piece_gpa, piece_len, pw, p1, length)
                 else:
                     ok = bounced_rw(st, fd, True, sector * SECTOR, piece_host, piece_len, a,
                                     pw, HEADER_LEN, length, hdr)
