@@ -521,12 +521,7 @@ class Backend:
         self._finish_available(vr, "GET_VRING_BASE")
         self._stop_ring(vr)
         q = vr.queue
-        if q.packed:
-            b = q.packed_base
-            where = (f"next avail {b.avail} (wrap {b.avail_wrap}), next used {b.used} "
-                     f"(wrap {b.used_wrap}): {q.base:#x}")
-        else:
-            where = f"next avail {q.base}"
+        where = f"{q.packed_base.describe()}: {q.base:#x}" if q.packed else f"next avail {q.base}"
         log.info("%s: GET_VRING_BASE queue %d: %s", self.name, index, where)
         if self.log_fd is not None and self.memory.log_all:
             self.log_fd.signal()  # every bit of this ring is set (its bursts flushed them)

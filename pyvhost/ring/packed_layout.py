@@ -103,6 +103,10 @@ class PackedBase(NamedTuple):
             return cls(avail, avail_wrap, avail, avail_wrap)
         return cls(avail, avail_wrap, high & 0x7FFF, high >> 15 & 1)
 
+    def describe(self) -> str:
+        return (f"next avail {self.avail} (wrap {self.avail_wrap}), next used {self.used} "
+                f"(wrap {self.used_wrap})")
+
     def linear(self, size: int) -> tuple[int, int]:
         """avail and used as positions modulo 2 * size (the wrap counter starts at 1, so a
         position in the first lap has wrap 1): distances are then plain subtraction."""
