@@ -28,8 +28,10 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from pyvhost.ring import inflight as I
 from pyvhost.testing.blk import (
     guest_disk_by_serial,
     guest_md5,
@@ -160,17 +162,18 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
 
 def _inflight_heads(pid: int) -> int:
     """Heads marked in flight in the inflight area the (stopped) backend holds, read through its
-    memfd in /proc: queue region 0 (one queue), desc[i].inflight at 16 + 16 * i."""
+    memfd in /proc: queue region 0 (one queue), laid out as ring/inflight.py says."""
     heads = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
             if not os.readlink(f"/proc/{pid}/fd/{fd}").startswith("/memfd:pyvhost-inflight"):
                 continue
-            area = Path(f"/proc/{pid}/fd/{fd}").read_bytes()
+            region = np.frombuffer(Path(f"/proc/{pid}/fd/{fd}").read_bytes(), dtype=np.uint8)
         except OSError:  # closed meanwhile
             continue
-        desc_num = int.from_bytes(area[10:12], "little")
-        heads = max(heads, sum(area[16 + 16 * i] == 1 for i in range(desc_num)))
+        desc_num = int(region[:I.HEADER_SIZE].view(np.uint16)[I.W_DESC_NUM])
+        flags = region[I.B_INFLIGHT0::I.DESC_STATE_SIZE][:desc_num]
+        heads = max(heads, int(np.count_nonzero(flags == 1)))
     return heads
 
 
