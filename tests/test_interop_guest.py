@@ -24,6 +24,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -132,11 +133,69 @@ def _qemu_and_guest_present():
     guest_image_paths()  # raises with a hint: scripts/build-guest.sh
 
 
-def tap_daemon(ns: NetNamespace, sock: Path, tap: str, stats_path: Path,
-               *options: str) -> PyvhostDaemon:
-    """`pyvhost net --tap TAP` in the namespace, so its TAP is created there."""
-    return PyvhostDaemon(["net", "--socket-path", sock, "--tap", tap, "--stats-json", stats_path,
-                          "--stats-interval", "0", *options], netns=ns.name, name="net-tap")
+@dataclass
+class TapBed:
+    ns: NetNamespace
+    daemon: PyvhostDaemon
+    sock: Path
+    stats_path: Path
+
+
+@contextmanager
+def net_on_a_tap(tmp_path: Path, prefix: str, *options: str) -> Iterator[TapBed]:
+    """A namespace of its own with `pyvhost net --tap NAME` in it (so the TAP is created
+    there), listening, and the TAP's end at HOST_IP. The daemon is stopped (SIGTERM: it writes
+    its --stats-json) and the namespace removed on leaving."""
+    sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
+    tap = prefix + unique_name("g")[-8:].replace("-", "")
+    with NetNamespace() as ns, PyvhostDaemon(
+            ["net", "--socket-path", sock, "--tap", tap, "--stats-json", stats_path,
+             "--stats-interval", "0", *options], netns=ns.name, name="net-tap") as daemon:
+        daemon.wait_listening(timeout=300)
+        ns.add_address(tap, f"{HOST_IP}/24")
+        yield TapBed(ns, daemon, sock, stats_path)
+
+
+def guest_up(vm: GuestVM) -> str:
+    """eth0 at GUEST_IP and up; returns the driver's negotiated features (one character per
+    bit, bit 0 first)."""
+    vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+    return vm.run("cat /sys/class/net/eth0/device/features", check=True).output.strip()
+
+
+def ping_both_ways(vm: GuestVM, ns: NetNamespace, timeout: float) -> tuple[str, str]:
+    """Ten pings from the guest to the TAP's end and ten back, none lost; both outputs."""
+    guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=timeout).output
+    host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
+                       timeout=timeout, check=False).stdout
+    assert no_loss(guest_ping, 10), guest_ping
+    assert no_loss(host_ping, 10), host_ping
+    return guest_ping, host_ping
+
+
+def random_guest_file(vm: GuestVM, mib: int) -> str:
+    """/tmp/f in the guest: `mib` MiB of random bytes; returns their MD5."""
+    return vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={mib} 2>/dev/null && md5sum /tmp/f",
+                  timeout=120, check=True).output.split()[0]
+
+
+def tftp_round_trip(vm: GuestVM, ns: NetNamespace, mib: int, timeout: float) -> tuple[dict, dict]:
+    """The guest sends `mib` MiB of random bytes to TFTP_SERVER in the namespace and fetches
+    them back; the server's MD5 and the guest's of what came back must be the file's. Returns
+    the server's reports of the put and the get."""
+    with server_in(ns, TFTP_SERVER, HOST_IP, str(TFTP_PORT)) as server:
+        guest_md5 = random_guest_file(vm, mib)
+        sent = vm.run(f"tftp -p -l /tmp/f -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}",
+                      timeout=timeout)
+        assert sent.status == 0, sent.output
+        got = json.loads(server.stdout.readline())
+        back = vm.run(f"tftp -g -l /tmp/g -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}"
+                      " && md5sum /tmp/g", timeout=timeout)
+        assert back.status == 0, back.output
+        out, err = server.communicate(timeout=30)
+    assert got["bytes"] == mib << 20 and got["md5"] == guest_md5, (got, guest_md5)
+    assert back.output.split()[0] == guest_md5, back.output
+    return got, json.loads(out.strip().splitlines()[-1])
 
 
 @contextmanager
@@ -173,46 +232,19 @@ def no_loss(ping_output: str, count: int) -> bool:
 @pytest.mark.parametrize("metadata_access", ["direct", "copy"])
 def test_guest_pings_and_sends_10_mib_over_udp_through_a_tap(tmp_path: Path, metadata_access,
                                                              ring):
-    sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
-    tap = "pvg" + unique_name("g")[-8:].replace("-", "")
-    with NetNamespace() as ns, tap_daemon(ns, sock, tap, stats_path,
-                                          "--metadata-access", metadata_access) as daemon:
-        daemon.wait_listening(timeout=300)
-        ns.add_address(tap, f"{HOST_IP}/24")
+    with net_on_a_tap(tmp_path, "pvg", "--metadata-access", metadata_access) as bed:
         props = {"packed": "on"} if ring == "packed" else {}
-        with GuestVM(vhost_user_net_args(sock, **props)) as vm:
-            vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
-            # The driver's negotiated features: one character per bit, bit 0 first.
-            guest_features = vm.run("cat /sys/class/net/eth0/device/features",
-                                    check=True).output.strip()
+        with GuestVM(vhost_user_net_args(bed.sock, **props)) as vm:
+            guest_features = guest_up(vm)
             t0 = time.monotonic()
-            guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=60).output
-            host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
-                               timeout=60, check=False).stdout
-            assert no_loss(guest_ping, 10), guest_ping
-            assert no_loss(host_ping, 10), host_ping
-
-            with server_in(ns, TFTP_SERVER, HOST_IP, str(TFTP_PORT)) as server:
-                made = vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={FILE_MIB} 2>/dev/null"
-                              " && md5sum /tmp/f", timeout=120, check=True).output
-                guest_md5 = made.split()[0]
-                sent = vm.run(f"tftp -p -l /tmp/f -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}",
-                              timeout=150)
-                assert sent.status == 0, sent.output
-                got = json.loads(server.stdout.readline())
-                # And back: 10 MiB through the RX path into the guest.
-                back = vm.run(f"tftp -g -l /tmp/g -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}"
-                              " && md5sum /tmp/g", timeout=150)
-                assert back.status == 0, back.output
-                out, err = server.communicate(timeout=30)
-            fetched = json.loads(out.strip().splitlines()[-1])
+            guest_ping, host_ping = ping_both_ways(vm, bed.ns, timeout=60)
+            # 10 MiB out, and back through the RX path into the guest.
+            got, fetched = tftp_round_trip(vm, bed.ns, FILE_MIB, timeout=150)
             guest_stats = vm.run("cat /proc/net/dev").output
             elapsed = time.monotonic() - t0
-    log = daemon.log
-    assert daemon.returncode == 0, log[-4000:]
-    assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)
-    assert back.output.split()[0] == guest_md5, back.output
-    stats = json.loads(stats_path.read_text())
+    log = bed.daemon.log
+    assert bed.daemon.returncode == 0, log[-4000:]
+    stats = json.loads(bed.stats_path.read_text())
     packed = ring == "packed"
     assert bool(stats["features"] >> VIRTIO_F_RING_PACKED & 1) == packed, stats["features"]
     assert guest_features[VIRTIO_F_RING_PACKED] == ("1" if packed else "0"), guest_features

@@ -25,15 +25,9 @@ from pathlib import Path
 import pytest
 
 from pyvhost.devices.net import offloads as OFF
-from pyvhost.testing.testbed import (
-    GuestVM,
-    NetNamespace,
-    find_qemu,
-    guest_image_paths,
-    unique_name,
-    vhost_user_net_args,
-)
-from test_interop_guest import GUEST_IP, HOST_IP, server_in, tap_daemon
+from pyvhost.testing.testbed import GuestVM, find_qemu, guest_image_paths, vhost_user_net_args
+from test_interop_guest import (HOST_IP, guest_up, net_on_a_tap, random_guest_file,
+                                server_in)
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
@@ -86,22 +80,12 @@ def _qemu_and_guest_present():
 @pytest.mark.parametrize("offloads", ["on", "off"])
 @pytest.mark.parametrize("metadata_access", ["direct", "copy"])
 def test_guest_tcp_stream_both_ways_through_a_tap(tmp_path: Path, metadata_access, offloads):
-    sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
-    tap = "pvt" + unique_name("g")[-8:].replace("-", "")
-    with NetNamespace() as ns, tap_daemon(ns, sock, tap, stats_path,
-                                          "--metadata-access", metadata_access) as daemon:
-        daemon.wait_listening(timeout=300)
-        ns.add_address(tap, f"{HOST_IP}/24")
+    with net_on_a_tap(tmp_path, "pvt", "--metadata-access", metadata_access) as bed:
         props = NO_OFFLOADS if offloads == "off" else {}
-        with GuestVM(vhost_user_net_args(sock, **props)) as vm:
-            vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
-            # The driver's negotiated features: one character per bit, bit 0 first.
-            guest_features = vm.run("cat /sys/class/net/eth0/device/features",
-                                    check=True).output.strip()
-            made = vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={FILE_MIB} 2>/dev/null"
-                          " && md5sum /tmp/f", timeout=120, check=True).output
-            guest_md5 = made.split()[0]
-            with server_in(ns, TCP_SERVER, HOST_IP, str(PORT)) as server:
+        with GuestVM(vhost_user_net_args(bed.sock, **props)) as vm:
+            guest_features = guest_up(vm)
+            guest_md5 = random_guest_file(vm, FILE_MIB)
+            with server_in(bed.ns, TCP_SERVER, HOST_IP, str(PORT)) as server:
                 sent = vm.run(f"nc {HOST_IP} {PORT} < /tmp/f", timeout=300)
                 assert sent.status == 0, sent.output
                 got = json.loads(server.stdout.readline())
@@ -109,12 +93,12 @@ def test_guest_tcp_stream_both_ways_through_a_tap(tmp_path: Path, metadata_acces
                 assert back.status == 0, back.output
                 out, err = server.communicate(timeout=60)
             fetched = json.loads(out.strip().splitlines()[-1])
-    log = daemon.log
-    assert daemon.returncode == 0, log[-4000:]
+    log = bed.daemon.log
+    assert bed.daemon.returncode == 0, log[-4000:]
     assert "Traceback" not in log, log[-4000:]
     assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)
     assert back.output.split()[0] == guest_md5, back.output
-    stats = json.loads(stats_path.read_text())
+    stats = json.loads(bed.stats_path.read_text())
     assert stats["queues_broken"] == 0 and stats["rx_dropped"] == 0, stats
     if metadata_access == "copy":
         assert stats["direct_rounds"] == 0 and stats["copy_rounds"] > 0

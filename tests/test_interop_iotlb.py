@@ -20,15 +20,12 @@ from pathlib import Path
 
 import pytest
 
-from pyvhost.testing.testbed import (GuestVM, NetNamespace, find_qemu, guest_image_paths,
-                                     unique_name)
-from test_interop_guest import (GUEST_IP, HOST_IP, TFTP_PORT, TFTP_SERVER, no_loss, rtt_ms,
-                                server_in, tap_daemon)
+from pyvhost.testing.testbed import GuestVM, find_qemu, guest_image_paths
+from test_interop_guest import guest_up, net_on_a_tap, ping_both_ways, rtt_ms, tftp_round_trip
 
 pytestmark = [pytest.mark.interop, pytest.mark.slow]
 
 FILE_MIB = 2
-TFTP_BLOCK = 8192
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -52,45 +49,21 @@ def iommu_net_args(sock: Path) -> list[str]:
 @pytest.mark.parametrize("metadata_access", ["direct", "copy"])
 @pytest.mark.parametrize("mode", ["strict", "lazy"])
 def test_guest_behind_viommu_pings_and_transfers(tmp_path: Path, mode, metadata_access):
-    sock, stats_path = tmp_path / "net.sock", tmp_path / "stats.json"
-    tap = "pvi" + unique_name("g")[-8:].replace("-", "")
     cmdline = "intel_iommu=on no_timer_check" + (" iommu.strict=1" if mode == "strict" else "")
-    with NetNamespace() as ns, tap_daemon(ns, sock, tap, stats_path,
-                                          "--metadata-access", metadata_access) as daemon:
-        daemon.wait_listening(timeout=300)
-        ns.add_address(tap, f"{HOST_IP}/24")
-        with GuestVM(iommu_net_args(sock), kernel_cmdline=cmdline, boot_timeout=300) as vm:
+    with net_on_a_tap(tmp_path, "pvi", "--metadata-access", metadata_access) as bed:
+        with GuestVM(iommu_net_args(bed.sock), kernel_cmdline=cmdline, boot_timeout=300) as vm:
             group = vm.run("cat /sys/bus/pci/devices/*/iommu_group/type | sort -u").output
             assert ("DMA-FQ" if mode == "lazy" else "DMA") in group.split(), group
-            vm.run(f"ip addr add {GUEST_IP}/24 dev eth0 && ip link set eth0 up", check=True)
+            guest_up(vm)
             t0 = time.monotonic()
-            guest_ping = vm.run(f"ping -c 10 -i 0.2 -W 5 {HOST_IP}", timeout=90).output
-            host_ping = ns.run(["ping", "-c", "10", "-i", "0.2", "-W", "5", GUEST_IP],
-                               timeout=90, check=False).stdout
-            assert no_loss(guest_ping, 10), guest_ping
-            assert no_loss(host_ping, 10), host_ping
-
-            with server_in(ns, TFTP_SERVER, HOST_IP, str(TFTP_PORT)) as server:
-                made = vm.run(f"dd if=/dev/urandom of=/tmp/f bs=1M count={FILE_MIB} 2>/dev/null"
-                              " && md5sum /tmp/f", timeout=120, check=True).output
-                guest_md5 = made.split()[0]
-                sent = vm.run(f"tftp -p -l /tmp/f -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}",
-                              timeout=300)
-                assert sent.status == 0, sent.output
-                got = json.loads(server.stdout.readline())
-                back = vm.run(f"tftp -g -l /tmp/g -r f -b {TFTP_BLOCK} {HOST_IP} {TFTP_PORT}"
-                              " && md5sum /tmp/g", timeout=300)
-                assert back.status == 0, back.output
-                out, err = server.communicate(timeout=30)
-            fetched = json.loads(out.strip().splitlines()[-1])
+            guest_ping, host_ping = ping_both_ways(vm, bed.ns, timeout=90)
+            got, fetched = tftp_round_trip(vm, bed.ns, FILE_MIB, timeout=300)
             elapsed = time.monotonic() - t0
             qemu_err = vm.qemu_stderr
-    log = daemon.log
-    assert daemon.returncode == 0, log[-4000:]
+    log = bed.daemon.log
+    assert bed.daemon.returncode == 0, log[-4000:]
     assert "not supported" not in qemu_err, qemu_err[-2000:]
-    assert got["bytes"] == FILE_MIB << 20 and got["md5"] == guest_md5, (got, guest_md5)
-    assert back.output.split()[0] == guest_md5, back.output
-    stats = json.loads(stats_path.read_text())
+    stats = json.loads(bed.stats_path.read_text())
     assert stats["queues_broken"] == 0, stats
     assert stats["requests_refused"] == 0, log[-4000:]
     assert stats["iotlb_misses"] > 0 and stats["iotlb_updates"] > 0, stats
