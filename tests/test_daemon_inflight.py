@@ -24,14 +24,19 @@ from pyvhost.device import Device, Request
 from pyvhost.protocol import InflightDesc
 from pyvhost.protocol import ProtocolFeature as P
 from pyvhost.ring.inflight import queue_region_size
+from pyvhost.ring import packed_inflight as PI
 from pyvhost.ring.layout import VIRTIO_F_VERSION_1, VIRTIO_RING_F_INDIRECT_DESC
+from pyvhost.ring.packed_layout import NEW_RING_BASE, VIRTIO_F_RING_PACKED
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.frontend import InflightShm, RequestFailed, VhostUserFrontend
 from pyvhost.testing.guest_ram import GuestRam
+from pyvhost.testing.packed_driver import MockPackedQueue
 from pyvhost.testing.session import DeviceSession
 
 SIZE = 32
 FEATURES = (1 << VIRTIO_F_VERSION_1) | (1 << VIRTIO_RING_F_INDIRECT_DESC)
+LAYOUTS = ["split", "packed"]
+Driver = MockSplitQueue | MockPackedQueue
 PROTOCOL = P.REPLY_ACK.mask | P.INFLIGHT_SHMFD.mask
 DEADLINE = 20.0
 
@@ -69,23 +74,41 @@ def bed() -> Iterator[tuple[Path, GuestRam]]:
         yield Path(d), ram
 
 
+def _driver(ram: GuestRam, layout: str) -> Driver:
+    return MockSplitQueue(ram, SIZE) if layout == "split" else MockPackedQueue(ram, SIZE)
+
+
+def _in_flight(area: bytes, driver: Driver) -> int:
+    """Requests the area says are in flight (split: heads; packed: head entries)."""
+    if isinstance(driver, MockPackedQueue):
+        first, stride = PI.B_ENTRY0, PI.ENTRY_SIZE
+    else:
+        first, stride = 16, 16
+    return sum(area[first + stride * i] for i in range(SIZE))
+
+
 class Run:
     """A frontend connection to a fresh backend process on the same rings and area."""
 
-    def __init__(self, d: Path, ram: GuestRam, driver: MockSplitQueue,
+    def __init__(self, d: Path, ram: GuestRam, driver: Driver,
                  shm: InflightShm | None, *, park: bool) -> None:
         sock = d / "dev.sock"
         sock.unlink(missing_ok=True)
         self.backend = Backend(sock, d / "handled.log", park=park)
         self.fe = VhostUserFrontend(str(sock), connect_timeout=600)
         try:
-            self.fe.negotiate(FEATURES, PROTOCOL)
+            packed = isinstance(driver, MockPackedQueue)
+            self.fe.negotiate(FEATURES | (packed << VIRTIO_F_RING_PACKED), PROTOCOL)
             self.fe.set_mem_table(ram)
             # QEMU asks for an area only while it holds none, and sends it on every start.
             self.shm = shm if shm is not None else self.fe.get_inflight_fd(1, SIZE)
             assert self.shm is not None
             self.fe.set_inflight_fd(self.shm)
-            driver.initial_avail_idx = driver.used_idx()  # QEMU's base after our crash
+            # QEMU's base after our crash: split, the used index; packed, the start's.
+            if isinstance(driver, MockPackedQueue):
+                driver.frontend_base = NEW_RING_BASE.encode()
+            else:
+                driver.initial_avail_idx = driver.used_idx()
             self.fe.setup_queue(0, driver)
             self.fe.enable_queue(0)
         except BaseException:
@@ -125,9 +148,10 @@ def _wait_handled(d: Path, tag: str) -> None:
         time.sleep(0.005)
 
 
-def test_sigkill_with_parked_requests_resubmits_them_in_order(bed) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_sigkill_with_parked_requests_resubmits_them_in_order(bed, layout: str) -> None:
     d, ram = bed
-    driver = MockSplitQueue(ram, SIZE)
+    driver = _driver(ram, layout)
     first = Run(d, ram, driver, None, park=True)
     shm = first.shm
     try:
@@ -139,9 +163,8 @@ def test_sigkill_with_parked_requests_resubmits_them_in_order(bed) -> None:
         first.backend.wait_killed()
         first.fe.close()
         assert driver.in_flight == 3
-        # The area says so: three heads in flight.
-        area = shm.read()
-        assert sum(area[16 + 16 * i] for i in range(SIZE)) == 3
+        # The area says so: three requests in flight.
+        assert _in_flight(shm.read(), driver) == 3
 
         (d / "handled.log").write_text("")
         second = Run(d, ram, driver, shm, park=False)
@@ -158,13 +181,14 @@ def test_sigkill_with_parked_requests_resubmits_them_in_order(bed) -> None:
         shm.close()
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("die", ["die-before", "die-after"])
-def test_device_killed_inside_a_request(bed, die: str) -> None:
+def test_device_killed_inside_a_request(bed, die: str, layout: str) -> None:
     """Killed in handle() before the request did anything, or after it was completed but
     before pyvhost published it: either way it is served again, after the older parked
     one."""
     d, ram = bed
-    driver = MockSplitQueue(ram, SIZE)
+    driver = _driver(ram, layout)
     first = Run(d, ram, driver, None, park=True)
     shm = first.shm
     try:
@@ -189,14 +213,15 @@ def test_device_killed_inside_a_request(bed, die: str) -> None:
         shm.close()
 
 
-def test_repeated_sigkills_under_load_lose_and_repeat_nothing(bed) -> None:
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_repeated_sigkills_under_load_lose_and_repeat_nothing(bed, layout: str) -> None:
     """Requests completed at random times in random order while the frontend keeps the ring
     full; the backend is SIGKILLed at random moments three times. At the end every request
     was used exactly once (the driver's used() is strict) and handled at least once, and
     some were handled again after a kill (they were in flight)."""
     d, ram = bed
     rnd = random.Random(12)
-    driver = MockSplitQueue(ram, SIZE)
+    driver = _driver(ram, layout)
     shm: InflightShm | None = None
     sent = used = 0
     try:

@@ -1,5 +1,7 @@
 """A Linux guest's disk survives SIGKILLs of its backend: QEMU (TCG) + vhost-user-blk-pci with
-`-chardev socket,...,reconnect=1`, inflight I/O tracking (INFLIGHT_SHMFD).
+`-chardev socket,...,reconnect=1`, inflight I/O tracking (INFLIGHT_SHMFD), on a split ring and
+on a packed one (`packed=on`: the area has the packed layout, ring/packed_inflight.py, and
+after a kill it, not QEMU's base, says where the ring stands).
 
     guest /dev/vdX ── virtio_blk ── vhost-user-blk-pci (QEMU, reconnect=1) ── pyvhost blk
 
@@ -32,6 +34,7 @@ import numpy as np
 import pytest
 
 from pyvhost.ring import inflight as I
+from pyvhost.ring import packed_inflight as PI
 from pyvhost.testing.blk import (
     guest_disk_by_serial,
     guest_md5,
@@ -70,8 +73,10 @@ def _writers_script(disk: str) -> str:
     return "\n".join(lines)
 
 
-def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
+@pytest.mark.parametrize("ring", ["split", "packed"])
+def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path, ring: str):
     t0 = time.monotonic()
+    props = {"packed": "on"} if ring == "packed" else {}
     image = tmp_path / "disk.raw"
     data = make_pattern_image(image, SIZE, seed=56)
     pattern = data[:PATTERN]
@@ -98,9 +103,13 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
     try:
         first = start_backend()
         first.wait_listening(timeout=600)  # a cold numba cache compiles for minutes
-        with GuestVM(vhost_user_blk_args(sock, 0, num_queues=1, reconnect=1), cpus=1) as vm:
+        with GuestVM(vhost_user_blk_args(sock, 0, num_queues=1, reconnect=1, **props),
+                     cpus=1) as vm:
             try:
                 timings["boot"] = vm.boot_seconds or 0.0
+                wait_log(first, r"queue 0 started")
+                features = vm.run("cat /sys/block/vd*/device/features").output.strip()
+                assert (features[34] == "1") == (ring == "packed"), features
                 disk = guest_disk_by_serial(vm, SERIAL)
                 assert guest_md5(vm, f"/dev/{disk}", count=PATTERN // 4096) == md5_hex(pattern)
                 vm.run(_writers_script(disk), check=True)
@@ -155,14 +164,15 @@ def test_guest_writes_survive_backend_sigkills_with_reconnect(tmp_path: Path):
     for k in range(1, WRITERS + 1):
         assert after[k * PATTERN:(k + 1) * PATTERN] == pattern, f"copy {k} in the image file"
     assert after[(WRITERS + 1) * PATTERN:] == data[(WRITERS + 1) * PATTERN:]
-    print(f"\n[blk reconnect] {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}, "
+    print(f"\n[blk reconnect, {ring}] {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}, "
           f"whole test {time.monotonic() - t0:.1f} s; resubmitted per restart {resubmitted}")
     assert sum(map(bool, resubmitted)) >= 2, f"kills that caught requests: {resubmitted}"
 
 
 def _inflight_heads(pid: int) -> int:
-    """Heads marked in flight in the inflight area the (stopped) backend holds, read through its
-    memfd in /proc: queue region 0 (one queue), laid out as ring/inflight.py says."""
+    """Requests marked in flight in the inflight area the (stopped) backend holds, read through
+    its memfd in /proc: queue region 0 (one queue), laid out as ring/inflight.py (split) or
+    ring/packed_inflight.py (packed: head entries in flight or completing) says."""
     heads = 0
     for fd in os.listdir(f"/proc/{pid}/fd"):
         try:
@@ -172,8 +182,12 @@ def _inflight_heads(pid: int) -> int:
         except OSError:  # closed meanwhile
             continue
         desc_num = int(region[:I.HEADER_SIZE].view(np.uint16)[I.W_DESC_NUM])
-        flags = region[I.B_INFLIGHT0::I.DESC_STATE_SIZE][:desc_num]
-        heads = max(heads, int(np.count_nonzero(flags == 1)))
+        if region.shape[0] == PI.queue_region_size(desc_num):
+            states = region[PI.B_ENTRY0::PI.ENTRY_SIZE][:desc_num]
+            caught = np.count_nonzero((states == PI.IN_FLIGHT) | (states == PI.COMPLETING))
+        else:
+            caught = np.count_nonzero(region[I.B_INFLIGHT0::I.DESC_STATE_SIZE][:desc_num] == 1)
+        heads = max(heads, int(caught))
     return heads
 
 

@@ -86,7 +86,7 @@ class Life:
             return
         for h in heads:
             assert K.add_used(mem, q, views, h, 0)
-        I.inflight_begin_batch(self.iv, arr, n)
+        I.inflight_begin_batch(q, self.iv, arr, n)
         if point == "linked":
             return
         assert K.publish_used(mem, q, views)
@@ -100,7 +100,7 @@ class Life:
             flags[I.B_INFLIGHT0 + I.DESC_STATE_SIZE * h] = 0
         if point == "cleared":
             return
-        I.inflight_end_batch(self.iv, arr, n, int(q[K.Q_NEXT_USED]))
+        I.inflight_end_batch(q, self.iv, arr, n)
         assert point == "done"
 
 

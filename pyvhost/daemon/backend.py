@@ -596,10 +596,12 @@ class Backend:
             if resync is not None:
                 (log.warning if resync.resumed else log.error)(
                     "%s: queue %d: %s", self.name, vr.index, resync.describe())
-        if q.inflight.enabled and q.packed:
-            # The area's layout is split's (ring/inflight.py); packed tracking is not built.
-            log.warning("%s: queue %d: packed ring: requests in flight are not tracked",
-                        self.name, vr.index)
+        if q.inflight.enabled and q.inflight.packed != q.packed:
+            # Features changed after SET_INFLIGHT_FD: the region has the other ring's layout.
+            log.error("%s: queue %d: the inflight area was set up for a %s ring, the ring is "
+                      "%s: requests in flight are not tracked", self.name, vr.index,
+                      "packed" if q.inflight.packed else "split",
+                      "packed" if q.packed else "split")
             q.inflight.detach()
         if q.inflight.enabled:
             self._recover_inflight(vr)
@@ -875,15 +877,23 @@ class Backend:
 
     # -- inflight I/O tracking (ring/inflight.py) -----------------------------------------------
 
+    @property
+    def _packed(self) -> bool:
+        """The negotiated ring layout is packed (the frontend sets features before it asks
+        for an inflight area: the region's layout follows the ring's)."""
+        return bool(self.features >> VIRTIO_F_RING_PACKED & 1)
+
     def _inflight_region_size(self, d: InflightDesc) -> int:
         """The queue region size of a GET/SET_INFLIGHT_FD's geometry, which must fit the
         device (InflightError otherwise)."""
         if not 1 <= d.num_queues <= len(self.vrings):
             raise InflightError(f"{d.num_queues} queues; the device has {len(self.vrings)}")
-        if not is_valid_queue_size(d.queue_size) or d.queue_size > self.device.max_queue_size:
-            raise InflightError(f"queue size {d.queue_size} is not a power of two <= "
-                                f"{self.device.max_queue_size}")
-        return queue_region_size(d.queue_size)
+        valid = 1 <= d.queue_size if self._packed else is_valid_queue_size(d.queue_size)
+        if not valid or d.queue_size > self.device.max_queue_size:
+            raise InflightError(f"queue size {d.queue_size} is not "
+                                + ("in 1.." if self._packed else "a power of two <= ")
+                                + str(self.device.max_queue_size))
+        return queue_region_size(d.queue_size, self._packed)
 
     def _get_inflight_fd(self, msg: Message) -> Payload | ReplyWithFds:
         """Allocate a zeroed area for the frontend to keep; mmap_size 0 says "none"."""
@@ -901,8 +911,9 @@ class Backend:
         if self._inflight_offer is not None:
             self._inflight_offer.close()
         self._inflight_offer = fd  # open until sent; closed at SET_INFLIGHT_FD or disconnect
-        log.info("%s: inflight area allocated: %d queues of %d entries, %d bytes", self.name,
-                 d.num_queues, d.queue_size, size)
+        log.info("%s: inflight area allocated: %d queues of %d entries, %d bytes (%s layout)",
+                 self.name, d.num_queues, d.queue_size, size,
+                 "packed" if self._packed else "split")
         return ReplyWithFds(InflightDesc(size, 0, d.num_queues, d.queue_size), [fd])
 
     def _set_inflight_fd(self, msg: Message) -> None:
@@ -933,10 +944,10 @@ class Backend:
                                  "survive a restart of this device") from exc
         self._close_inflight()
         for i in range(d.num_queues):
-            self.vrings[i].queue.inflight.attach(area.region(i), d.queue_size)
+            self.vrings[i].queue.inflight.attach(area.region(i), d.queue_size, self._packed)
         self.inflight = area
-        log.info("%s: inflight area: %d queues of %d entries (%d bytes)", self.name,
-                 d.num_queues, d.queue_size, d.mmap_size)
+        log.info("%s: inflight area: %d queues of %d entries (%d bytes, %s layout)", self.name,
+                 d.num_queues, d.queue_size, d.mmap_size, "packed" if self._packed else "split")
 
     def _close_inflight(self) -> None:
         """Stop tracking (no ring running) and unmap the area."""
@@ -950,6 +961,9 @@ class Backend:
         """At start: bring the ring's inflight region up to date with used->idx, queue what
         a killed predecessor left in flight for resubmission, and resume after it."""
         q = vr.queue
+        if q.packed:
+            self._recover_packed_inflight(vr)
+            return
         try:
             rec = q.inflight.recover(q.next_used, q.size)
             avail = q.avail_idx(self.memory.table)
@@ -965,6 +979,25 @@ class Backend:
         q.set_next_avail(rec.next_avail)
         self.inflight_resubmitted += len(rec.resubmit)
         (log.warning if rec.resubmit or rec.cleared else log.info)(
+            "%s: queue %d: %s", self.name, vr.index, rec.describe())
+
+    def _recover_packed_inflight(self, vr: Vring) -> None:
+        """`_recover_inflight` for a packed ring: the region, not the frontend's base, says
+        where the ring stands after our restart (QEMU restores nothing for packed)."""
+        q = vr.queue
+        before = q.packed_base
+        try:
+            rec = q.inflight.recover_packed(before, q.size, q.descriptor_flags(self.memory.table))
+        except (InflightError, AddressNotMappedError) as exc:
+            q.inflight.forget_resubmissions()
+            raise RequestRefused(f"queue {vr.index}: inflight region unusable: {exc}") from exc
+        assert rec.base is not None
+        if rec.base != before:
+            log.info("%s: queue %d: base %s -> %s from the inflight region", self.name,
+                     vr.index, before.describe(), rec.base.describe())
+        q.set_packed_base(rec.base)
+        self.inflight_resubmitted += len(rec.resubmit)
+        (log.warning if rec.resubmit or rec.cleared or rec.rolled_back else log.info)(
             "%s: queue %d: %s", self.name, vr.index, rec.describe())
 
     def _reset_device(self, msg: Message) -> None:

@@ -26,8 +26,8 @@ from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_IOTLB, KM_RUN_GPA, KM
 from pyvhost.ring import kernels as K
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.inflight import (NO_INFLIGHT, InflightViews, inflight_mark,
-                                   inflight_peek_resubmit, inflight_resubmit_pending,
-                                   inflight_take_resubmit)
+                                   inflight_resubmit_pending, inflight_take_resubmit,
+                                   inflight_walk_resubmit)
 from pyvhost.ring.jit import kernel
 
 
@@ -83,8 +83,8 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
     for k in range(n):
         resubmitted = inflight_resubmit_pending(iv) > 0
         if resubmitted:
-            head, nseg, _ = K.walk_chain(mem, q, views, inflight_peek_resubmit(iv), seg_addr,
-                                         seg_len, seg_flags, 0)
+            head, nseg, _ = inflight_walk_resubmit(mem, q, views, iv, seg_addr, seg_len,
+                                                   seg_flags, 0)
         else:
             head, nseg, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
         if head == -1:
@@ -138,8 +138,8 @@ def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable
             return k
         if resubmitted:
             inflight_take_resubmit(iv)
-        else:
-            inflight_mark(iv, head)
+        elif not inflight_mark(mem, q, views, iv, head):
+            return -1
         heads[k] = head
         piece_end[k] = pos
         first_writable[k] = first_w if first_w >= 0 else pos

@@ -32,17 +32,20 @@ A frontend that restarts a crashed device sends SET_VRING_BASE = used->idx (QEMU
 GET_VRING_BASE restores last_avail from the used index); the in-flight heads then sit between
 used->idx and the real next avail, which only this area knows.
 
+A packed ring's region has another layout and algorithm (ring/packed_inflight.py); the
+primitives below branch to it, so a data path tracks either layout with the same calls.
+
 What a device gets: `SplitQueue.inflight` is an `InflightRing`; its `views` is a plain tuple
-`(flags u8[], words u16[], counters i64[], state i64[], resubmit i64[])` that compiled code
-passes to the kernels below (all arrays empty when the queue is not tracked: every kernel is
+`(flags u8[], words u16[], counters i64[], state i64[], resubmit i64[], ids i32[])` that
+compiled code passes to the kernels below (all arrays empty when the queue is not tracked: every kernel is
 then a no-op, so a data path may call them unconditionally). The Python request tier
 (`pyvhost.RequestRunner`) calls them itself; a compiled data path (`Device.process_burst`) that
 sets `Device.tracks_inflight` must:
 
   - pop with `pop_burst_inflight` (pop_burst's contract plus resubmission and marking), or
-    mark every head it pops itself, in pop order, with `inflight_mark`, and drain the
-    resubmit list first with `inflight_resubmit_pending` / `inflight_take_resubmit` +
-    `ring.kernels.walk_chain`;
+    mark every chain it pops itself, in pop order, with `inflight_mark`, and drain the
+    resubmit list first with `inflight_resubmit_pending` / `inflight_walk_resubmit` /
+    `inflight_take_resubmit`;
   - publish with `push_used_burst_inflight` (push_used_burst's contract), or add its used
     elements with `kernels.add_used` and publish them with `publish_used_inflight` (instead
     of `kernels.publish_used`), or bracket its own publish with `inflight_begin_batch` and
@@ -58,10 +61,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from pyvhost.ring import kernels as K
+from pyvhost.ring import packed_inflight as PI
 from pyvhost.ring.barriers import fence_release
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.layout import is_valid_queue_size
+from pyvhost.ring.packed_layout import PackedBase
 
 INFLIGHT_VERSION = 1
 HEADER_SIZE = 16
@@ -77,23 +82,26 @@ W_NEXT0 = 11                # desc[i].next is words[W_NEXT0 + 8 * i]
 B_INFLIGHT0 = 16            # desc[i].inflight is flags[B_INFLIGHT0 + 16 * i]
 C_COUNTER0 = 3              # desc[i].counter is counters[C_COUNTER0 + 2 * i]
 
-# The process-local state array.
-S_DESC_NUM = 0              # the queue size the region was set up for (bounds every head)
-S_COUNTER = 1               # the counter the next popped head gets
-S_RESUBMIT_POS = 2          # resubmit[S_RESUBMIT_POS:S_RESUBMIT_END] are still to be popped
-S_RESUBMIT_END = 3
-STATE_LEN = 4
+# The process-local state array (packed_inflight.py uses the same slots).
+S_DESC_NUM = PI.S_DESC_NUM      # the queue size the region was set up for (bounds every head)
+S_COUNTER = PI.S_COUNTER        # the counter the next popped head gets
+S_RESUBMIT_POS = PI.S_RESUBMIT_POS  # resubmit[POS:END] are still to be popped
+S_RESUBMIT_END = PI.S_RESUBMIT_END
+S_PACKED = PI.S_PACKED          # 1: the region has the packed layout
+STATE_LEN = 5
 
-InflightViews = tuple  # (flags, words, counters, state, resubmit): see the module docstring
+InflightViews = tuple  # (flags, words, counters, state, resubmit, ids): see the docstring
 
 NO_INFLIGHT: InflightViews = (np.zeros(0, np.uint8), np.zeros(0, np.uint16),
                               np.zeros(0, np.int64), np.zeros(STATE_LEN, np.int64),
-                              np.zeros(0, np.int64))
+                              np.zeros(0, np.int64), np.zeros(0, np.int32))
 
 
-def queue_region_size(queue_size: int) -> int:
+def queue_region_size(queue_size: int, packed: bool = False) -> int:
     """Bytes of one queue's region: header and descriptor states, 64-byte aligned (the stride
     libvhost-user and DPDK use, so an area can move between backends)."""
+    if packed:
+        return PI.queue_region_size(queue_size)
     raw = HEADER_SIZE + DESC_STATE_SIZE * queue_size
     return (raw + REGION_ALIGN - 1) // REGION_ALIGN * REGION_ALIGN
 
@@ -108,19 +116,25 @@ class InflightRecovery:
 
     fresh: bool             # version 0: initialised, nothing to recover
     cleared: int            # heads of a published but uncleared last batch, cleared now
-    resubmit: list[int]     # heads to serve again, in counter order
-    next_avail: int         # where the ring resumes taking new avail entries
+    resubmit: list[int]     # heads (packed: head entries) to serve again, in counter order
+    next_avail: int         # where the ring resumes taking new avail entries (split)
+    base: PackedBase | None = None  # packed: where the ring resumes, avail and used
+    rolled_back: int = 0    # packed: heads of an unpublished batch, in flight again
 
     def describe(self) -> str:
+        where = self.base.describe() if self.base is not None else f"next avail {self.next_avail}"
         if self.fresh:
-            return "inflight region initialised"
+            return f"inflight region initialised ({where})"
         parts = [f"{len(self.resubmit)} requests in flight resubmitted"]
         if self.resubmit:
             shown = ", ".join(map(str, self.resubmit[:8]))
-            parts[0] += f" (heads {shown}{', ...' if len(self.resubmit) > 8 else ''})"
+            kind = "head entries" if self.base is not None else "heads"
+            parts[0] += f" ({kind} {shown}{', ...' if len(self.resubmit) > 8 else ''})"
         if self.cleared:
             parts.append(f"{self.cleared} heads of the last published batch cleared")
-        parts.append(f"next avail {self.next_avail}")
+        if self.rolled_back:
+            parts.append(f"{self.rolled_back} heads of an unpublished batch taken back")
+        parts.append(where)
         return "; ".join(parts)
 
 
@@ -134,19 +148,30 @@ class InflightRing:
     def enabled(self) -> bool:
         return self.views[0].shape[0] != 0
 
-    def attach(self, region: np.ndarray, queue_size: int) -> None:
+    @property
+    def packed(self) -> bool:
+        """The region attached has the packed layout."""
+        return bool(self.views[3][S_PACKED])
+
+    def attach(self, region: np.ndarray, queue_size: int, packed: bool = False) -> None:
         """Track into `region` (a writable uint8 view of one queue region, 8-byte aligned,
-        queue_region_size(queue_size) bytes). The ring is stopped (no worker runs it)."""
-        if not is_valid_queue_size(queue_size):
+        queue_region_size(queue_size, packed) bytes). The ring is stopped (no worker runs
+        it)."""
+        if packed:
+            if not PI.is_valid_queue_size(queue_size):
+                raise InflightError(f"queue size {queue_size} is not in 1..32768")
+        elif not is_valid_queue_size(queue_size):
             raise InflightError(f"queue size {queue_size} is not a power of two <= 32768")
-        size = queue_region_size(queue_size)
+        size = queue_region_size(queue_size, packed)
         if region.dtype != np.uint8 or region.shape[0] != size or region.ctypes.data % 8:
             raise InflightError(f"queue region of {region.shape[0]} bytes at an address "
                                 f"{region.ctypes.data % 8} past 8-byte alignment; needs {size}")
         state = np.zeros(STATE_LEN, np.int64)
         state[S_DESC_NUM] = queue_size
+        state[S_PACKED] = packed
+        ids = PI.new_ids() if packed else NO_INFLIGHT[5]
         self.views = (region, region.view(np.uint16), region.view(np.int64), state,
-                      np.zeros(queue_size, np.int64))
+                      np.zeros(queue_size, np.int64), ids)
 
     def detach(self) -> None:
         """Stop tracking and drop every view of the region (it may then be unmapped)."""
@@ -169,9 +194,11 @@ class InflightRing:
         Raises InflightError when the region cannot belong to this ring (another queue size,
         a last batch that does not fit): the ring must not start on it.
         """
-        flags, words, counters, state, resubmit = self.views
+        flags, words, counters, state, resubmit, _ids = self.views
         if not self.enabled:
             raise InflightError("no inflight region attached")
+        if self.packed:
+            raise InflightError("the region has the packed layout (recover_packed)")
         if int(state[S_DESC_NUM]) != queue_size:
             raise InflightError(f"region set up for {int(state[S_DESC_NUM])} entries, the queue "
                                 f"has {queue_size}")
@@ -222,28 +249,56 @@ class InflightRing:
         return InflightRecovery(False, cleared, heads.tolist(), (used_idx + n) & 0xFFFF)
 
 
+    def recover_packed(self, base: PackedBase, queue_size: int,
+                       ring: PI.RingFlags) -> InflightRecovery:
+        """`recover` for a packed ring (ring/packed_inflight.py): `base` is where the frontend
+        says the ring stands (used for a fresh region only: after our crash it knows no
+        better than the region); `ring` reads and mends the ring's descriptor flags."""
+        if not self.enabled or not self.packed:
+            raise InflightError("no packed inflight region attached")
+        if int(self.views[3][S_DESC_NUM]) != queue_size:
+            raise InflightError(f"region set up for {int(self.views[3][S_DESC_NUM])} entries, "
+                                f"the queue has {queue_size}")
+        try:
+            r = PI.recover(self.views, base, queue_size, ring)
+        except PI.PackedInflightError as exc:
+            raise InflightError(str(exc)) from exc
+        return InflightRecovery(r.fresh, r.cleared, r.resubmit, r.base.avail, r.base,
+                                r.rolled_back)
+
 # ------------------------------------------------------------------ compiled primitives --
 
 @inlined_kernel
-def inflight_mark(iv, head):
-    """A head was popped from the avail ring: record it in flight (counter, then the flag).
-    Call in pop order, before the request has any effect. No-op when not tracked."""
-    flags, words, counters, state, resubmit = iv
-    if flags.shape[0] == 0 or head < 0 or head >= state[S_DESC_NUM]:
-        return
+def inflight_mark(mem, q, views, iv, head):
+    """A chain was popped (`head`: pop_chain's head or token): record it in flight (counter,
+    then the flag; packed: its descriptors copied too). Call in pop order, right after the
+    pop, before the request has any effect. No-op when not tracked. False: the queue broke
+    (packed only: see packed_inflight.mark)."""
+    flags, words, counters, state, resubmit, ids = iv
+    if flags.shape[0] == 0 or head < 0:
+        return True
+    if state[S_PACKED]:
+        return PI.mark(mem, q, views, iv, head)
+    if head >= state[S_DESC_NUM]:
+        return True
     c = state[S_COUNTER]
     state[S_COUNTER] = c + 1
     counters[C_COUNTER0 + 2 * head] = c
     fence_release()
     flags[B_INFLIGHT0 + DESC_STATE_SIZE * head] = 1
+    return True
 
 
 @inlined_kernel
-def inflight_begin_batch(iv, heads, n):
-    """Before used->idx publishes the used elements of heads[0:n]: link them into the batch
-    list from last_batch_head (spec: desc[i].next = last_batch_head; last_batch_head = i)."""
-    flags, words, counters, state, resubmit = iv
+def inflight_begin_batch(q, iv, heads, n):
+    """Before the ring publishes the used elements of heads[0:n]: split, link them into the
+    batch list from last_batch_head (spec: desc[i].next = last_batch_head; last_batch_head =
+    i); packed, see packed_inflight.begin_batch."""
+    flags, words, counters, state, resubmit, ids = iv
     if flags.shape[0] == 0:
+        return
+    if state[S_PACKED]:
+        PI.begin_batch(q, iv, heads, n)
         return
     size = state[S_DESC_NUM]
     for k in range(n):
@@ -256,11 +311,15 @@ def inflight_begin_batch(iv, heads, n):
 
 
 @inlined_kernel
-def inflight_end_batch(iv, heads, n, used_idx):
-    """After used->idx (= used_idx) published heads[0:n]: clear their flags, then record
-    used_idx (a kill in between is repaired by walking the batch list at the next start)."""
-    flags, words, counters, state, resubmit = iv
+def inflight_end_batch(q, iv, heads, n):
+    """After the ring published heads[0:n] (split: used->idx = q's next used): clear their
+    flags, then record used_idx (a kill in between is repaired by walking the batch list at
+    the next start)."""
+    flags, words, counters, state, resubmit, ids = iv
     if flags.shape[0] == 0:
+        return
+    if state[S_PACKED]:
+        PI.end_batch(iv, heads, n)
         return
     size = state[S_DESC_NUM]
     fence_release()  # used->idx is stored before any flag is cleared
@@ -269,7 +328,7 @@ def inflight_end_batch(iv, heads, n, used_idx):
         if 0 <= h < size:
             flags[B_INFLIGHT0 + DESC_STATE_SIZE * h] = 0
     fence_release()
-    words[W_USED_IDX] = used_idx
+    words[W_USED_IDX] = q[K.Q_NEXT_USED]
 
 
 @inlined_kernel
@@ -280,15 +339,20 @@ def inflight_resubmit_pending(iv):
 
 
 @inlined_kernel
-def inflight_peek_resubmit(iv):
-    """The next head to resubmit (check `inflight_resubmit_pending` first)."""
-    return iv[4][iv[3][S_RESUBMIT_POS]]
+def inflight_walk_resubmit(mem, q, views, iv, seg_addr, seg_len, seg_flags, pos):
+    """The next chain to resubmit (check `inflight_resubmit_pending` first) into the segment
+    arrays from pos, as pop_chain would: (head or token, new pos, total); -1 broken, -2 the
+    segments are full. Split walks the descriptor table again; packed, the region's copy."""
+    head = iv[4][iv[3][S_RESUBMIT_POS]]
+    if iv[3][S_PACKED]:
+        return PI.walk_saved(mem, q, iv, head, seg_addr, seg_len, seg_flags, pos)
+    return K.walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, pos)
 
 
 @inlined_kernel
 def inflight_take_resubmit(iv):
-    """The head `inflight_peek_resubmit` gave is being served (it stays in flight, its counter
-    unchanged)."""
+    """The chain `inflight_walk_resubmit` gave is being served (it stays in flight, its
+    counter unchanged)."""
     iv[3][S_RESUBMIT_POS] += 1
 
 
@@ -308,8 +372,8 @@ def pop_burst_inflight(mem, q, views, iv, max_chains, heads, chain_end, seg_addr
     while k < n:
         resubmitted = inflight_resubmit_pending(iv) > 0
         if resubmitted:
-            head, pos2, _ = K.walk_chain(mem, q, views, inflight_peek_resubmit(iv), seg_addr,
-                                         seg_len, seg_flags, pos)
+            head, pos2, _ = inflight_walk_resubmit(mem, q, views, iv, seg_addr, seg_len,
+                                                   seg_flags, pos)
         else:
             head, pos2, _ = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, pos)
         if head == -1:
@@ -323,8 +387,8 @@ def pop_burst_inflight(mem, q, views, iv, max_chains, heads, chain_end, seg_addr
             return k
         if resubmitted:
             inflight_take_resubmit(iv)
-        else:
-            inflight_mark(iv, head)
+        elif not inflight_mark(mem, q, views, iv, head):
+            return -1
         heads[k] = head
         chain_end[k] = pos2
         pos = pos2
@@ -342,10 +406,10 @@ def push_used_burst_inflight(mem, q, views, iv, heads, lens, n):
             return -1
     if n == 0:
         return 0
-    inflight_begin_batch(iv, heads, n)
+    inflight_begin_batch(q, iv, heads, n)
     if not K.publish_used(mem, q, views):
         return -1
-    inflight_end_batch(iv, heads, n, q[K.Q_NEXT_USED])
+    inflight_end_batch(q, iv, heads, n)
     return 1 if K.needs_interrupt(mem, q, views) else 0
 
 
@@ -354,15 +418,18 @@ def publish_used_inflight(mem, q, views, iv, heads, n):
     """`kernels.publish_used` for a tracked ring whose data path added the used elements of
     heads[0:n] itself (`kernels.add_used`): link them as the last batch, publish, clear their
     flags and record used_idx. False: the queue broke."""
-    inflight_begin_batch(iv, heads, n)
+    inflight_begin_batch(q, iv, heads, n)
     if not K.publish_used(mem, q, views):
         return False
-    inflight_end_batch(iv, heads, n, q[K.Q_NEXT_USED])
+    inflight_end_batch(q, iv, heads, n)
     return True
 
 
 @kernel
-def mark_burst(iv, heads, n):
-    """`inflight_mark` for heads[0:n], in order (a data path that popped with its own pop)."""
+def mark_burst(mem, q, views, iv, heads, n):
+    """`inflight_mark` for heads[0:n], in order (a data path that popped with its own pop,
+    right after it). False: the queue broke."""
     for k in range(n):
-        inflight_mark(iv, np.int64(heads[k]))
+        if not inflight_mark(mem, q, views, iv, np.int64(heads[k])):
+            return False
+    return True

@@ -216,6 +216,51 @@ def finish_pop(q, i, w, slots):
 
 
 @inlined_kernel
+def take_desc(mem, q, where, addr, length, ident, flags, first, seen_write, total, seg_addr,
+              seg_len, seg_flags, pos):
+    """One descriptor of a chain (read from the ring, or the inflight region's copy of it),
+    checked, into the segment arrays from pos; an indirect one (`first` in its chain, and
+    alone: no NEXT) expands its table. (pos, total, seen_write); pos -1: the queue broke (q
+    says why, `where` the slot it names), -2: the segment arrays are full."""
+    cap = seg_addr.shape[0]
+    if flags & F_INDIRECT:
+        # Alone in its chain: no NEXT out of it, nor into it (2.8.7.1, driver MUST NOT).
+        if not first or flags & F_NEXT:
+            K.fail(q, E.INDIRECT_WITH_NEXT, where)
+            return -1, total, seen_write
+        if not (q[K.Q_FLAGS] & K.F_INDIRECT):
+            K.fail(q, E.INDIRECT_NOT_NEGOTIATED, where)
+            return -1, total, seen_write
+        if length == 0 or length % 16 != 0:
+            K.fail(q, E.INDIRECT_BAD_LEN, length)
+            return -1, total, seen_write
+        if not K.is_mapped(mem, K.SPACE_GPA, addr, length):
+            K.fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else K.ADDR_MAX)
+            return -1, total, seen_write
+        pos, total = pop_indirect(mem, q, addr, length // 16, seg_addr, seg_len, seg_flags,
+                                  pos, cap)
+        return pos, total, seen_write
+    if flags & F_WRITE:
+        seen_write = True
+    elif seen_write:
+        K.fail(q, E.READ_AFTER_WRITE, ident)
+        return -1, total, seen_write
+    if not K.is_mapped(mem, K.SPACE_GPA, addr, length):
+        K.fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else K.ADDR_MAX)
+        return -1, total, seen_write
+    total += length
+    if total > K.U32_MAX:
+        K.fail(q, E.LEN_OVERFLOW, ident)
+        return -1, total, seen_write
+    if pos >= cap:
+        return -2, total, seen_write
+    seg_addr[pos] = addr
+    seg_len[pos] = length
+    seg_flags[pos] = flags & F_WRITE
+    return pos + 1, total, seen_write
+
+
+@inlined_kernel
 def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
     """Walk the chain at next_avail into the segment arrays from seg_pos (kernels.pop_chain's
     contract: (token, new_seg_pos, total_len); token -1: broken, -2: segment arrays full,
@@ -226,7 +271,6 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
         return -1, seg_pos, 0
     i = q[K.Q_NEXT_AVAIL]
     w = q[K.Q_AVAIL_WRAP]
-    cap = seg_addr.shape[0]
     pos = seg_pos
     total = 0
     seen_write = False
@@ -244,46 +288,11 @@ def pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, seg_pos):
         if slots > size:
             K.fail(q, E.CHAIN_TOO_LONG, q[K.Q_NEXT_AVAIL])
             return -1, seg_pos, 0
-        if flags & F_INDIRECT:
-            # Alone in its chain: no NEXT out of it, nor into it (2.8.7.1, driver MUST NOT).
-            if slots > 1 or flags & F_NEXT:
-                K.fail(q, E.INDIRECT_WITH_NEXT, i)
-                return -1, seg_pos, 0
-            if not (q[K.Q_FLAGS] & K.F_INDIRECT):
-                K.fail(q, E.INDIRECT_NOT_NEGOTIATED, i)
-                return -1, seg_pos, 0
-            if length == 0 or length % 16 != 0:
-                K.fail(q, E.INDIRECT_BAD_LEN, length)
-                return -1, seg_pos, 0
-            if not K.is_mapped(mem, K.SPACE_GPA, addr, length):
-                K.fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else K.ADDR_MAX)
-                return -1, seg_pos, 0
-            pos, total = pop_indirect(mem, q, addr, length // 16, seg_addr, seg_len, seg_flags,
-                                      pos, cap)
-            if pos < 0:
-                if pos == -1:
-                    return -1, seg_pos, 0
-                return -2, seg_pos, 0
-            i, w = step(i, w, size)
-            break
-        if flags & F_WRITE:
-            seen_write = True
-        elif seen_write:
-            K.fail(q, E.READ_AFTER_WRITE, ident)
-            return -1, seg_pos, 0
-        if not K.is_mapped(mem, K.SPACE_GPA, addr, length):
-            K.fail(q, E.ADDR_UNMAPPED, addr if addr >= 0 else K.ADDR_MAX)
-            return -1, seg_pos, 0
-        total += length
-        if total > K.U32_MAX:
-            K.fail(q, E.LEN_OVERFLOW, ident)
-            return -1, seg_pos, 0
-        if pos >= cap:
-            return -2, seg_pos, 0
-        seg_addr[pos] = addr
-        seg_len[pos] = length
-        seg_flags[pos] = flags & F_WRITE
-        pos += 1
+        pos, total, seen_write = take_desc(mem, q, i, addr, length, ident, flags, slots == 1,
+                                           seen_write, total, seg_addr, seg_len, seg_flags,
+                                           pos)
+        if pos < 0:
+            return pos, seg_pos, 0
         i, w = step(i, w, size)
         if not (flags & F_NEXT):
             break

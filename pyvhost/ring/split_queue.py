@@ -103,7 +103,7 @@ class RingResync(NamedTuple):
         return f"{found}, and used to avail is more than the ring holds: not resynchronised"
 
 
-def _load_ring_u16(table: RegionTable, addr: int) -> int:
+def load_ring_u16(table: RegionTable, addr: int) -> int:
     """A ring index in guest memory, read with one 16-bit load (the driver may be storing it:
     a memcpy of 2 bytes can read it torn, see docs/robustness.md bug 3)."""
     seg = table.contiguous_user_range(UserAddress(addr), 2)
@@ -250,7 +250,7 @@ class SplitQueue:
         """
         first = not self._started
         self._started = True
-        used = _load_ring_u16(table, int(self.q[K.Q_USED]) + USED_IDX)
+        used = load_ring_u16(table, int(self.q[K.Q_USED]) + USED_IDX)
         self.q[K.Q_NEXT_USED] = used
         self.q[K.Q_LOG_USED_FROM] = used  # elements from here on are this device's writes
         self.q[K.Q_SIGNALLED_VALID] = 0
@@ -274,7 +274,7 @@ class SplitQueue:
     def avail_idx(self, table: RegionTable) -> int:
         """avail->idx as the driver last published it (one load; raises AddressNotMappedError
         if the ring is not mapped)."""
-        return _load_ring_u16(table, int(self.q[K.Q_AVAIL]) + AVAIL_IDX)
+        return load_ring_u16(table, int(self.q[K.Q_AVAIL]) + AVAIL_IDX)
 
     def reset(self) -> None:
         size, pages, dropped = self.size, self.q[K.Q_LOG_PAGES], self.q[K.Q_LOG_DROPPED]

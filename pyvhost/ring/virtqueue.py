@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pyvhost.memory import access
 from pyvhost.memory.address import UserAddress
 from pyvhost.memory.table import RegionTable
 from pyvhost.ring import kernels as K
@@ -21,7 +22,7 @@ from pyvhost.ring.direct_map import NO_VIEWS, DirectMap
 from pyvhost.ring.layout import (AVAIL_ALIGN, DESC_ALIGN, USED_ALIGN, avail_ring_size,
                                  desc_table_size, is_valid_queue_size, used_ring_size)
 from pyvhost.ring.packed_queue import build_packed_direct_map
-from pyvhost.ring.split_queue import RingResync, SplitQueue
+from pyvhost.ring.split_queue import RingResync, SplitQueue, load_ring_u16
 
 # Feature flags set_features owns: kept across a queue reset (features outlive it).
 _FEATURE_FLAGS = K.F_EVENT_IDX | K.F_INDIRECT | K.F_IN_ORDER | K.F_PACKED
@@ -112,11 +113,15 @@ class Virtqueue(SplitQueue):
             return
         if not 0 <= num <= 0xFFFFFFFF:
             raise ValueError(f"queue {self.index}: base {num:#x} is not 32 bits")
-        b = PL.PackedBase.decode(num)
+        self.set_packed_base(PL.PackedBase.decode(num))
+
+    def set_packed_base(self, b: PL.PackedBase) -> None:
+        """Packed: both positions (SET_VRING_BASE's 32 bits say "used = avail" with a high
+        half of 0, so a used position 0 in wrap 0 cannot travel through them)."""
         size = self.size
         if size and (b.avail >= size or b.used >= size):
-            raise ValueError(f"queue {self.index}: packed base {num:#x} (avail {b.avail}, used "
-                             f"{b.used}) outside a ring of {size}")
+            raise ValueError(f"queue {self.index}: packed base {b.encode():#x} (avail "
+                             f"{b.avail}, used {b.used}) outside a ring of {size}")
         q = self.q
         q[K.Q_NEXT_AVAIL], q[K.Q_AVAIL_WRAP] = b.avail, b.avail_wrap
         q[K.Q_NEXT_USED], q[K.Q_USED_WRAP] = b.used, b.used_wrap
@@ -135,6 +140,13 @@ class Virtqueue(SplitQueue):
         q[K.Q_SIGNALLED_VALID] = 0
         q[K.Q_BATCH_SLOT] = -1
         return None
+
+    def descriptor_flags(self, table: RegionTable) -> "DescriptorFlags":
+        """Packed: the ring's descriptor flags, for inflight recovery (was a batch published?
+        take back used descriptors that were not)."""
+        if not self.packed:
+            raise ValueError(f"queue {self.index}: not a packed ring")
+        return DescriptorFlags(table, int(self.q[K.Q_DESC]), self.size)
 
     def reset(self) -> None:
         features = int(self.q[K.Q_FLAGS]) & _FEATURE_FLAGS
@@ -181,3 +193,24 @@ class Virtqueue(SplitQueue):
         return build_packed_direct_map(table, self.size, UserAddress(int(self.q[K.Q_DESC])),
                                        UserAddress(int(self.q[K.Q_AVAIL])),
                                        UserAddress(int(self.q[K.Q_USED])), self._generation)
+
+
+class DescriptorFlags:
+    """The flags of a packed ring's descriptors, each one 16-bit load or store (the driver
+    may be storing them: never torn). Raises AddressNotMappedError (ValueError for a slot
+    outside the ring). Stores are not logged: they only redo, at a restart, what the dead
+    device wrote (and logged) in the same ring slots."""
+
+    def __init__(self, table: RegionTable, desc: int, size: int) -> None:
+        self.table, self.desc, self.size = table, desc, size
+
+    def _addr(self, slot: int) -> int:
+        if not 0 <= slot < self.size:
+            raise ValueError(f"no packed descriptor {slot} in a ring of {self.size}")
+        return self.desc + PL.DESC_SIZE * slot + PL.DESC_FLAGS_OFFSET
+
+    def read(self, slot: int) -> int:
+        return load_ring_u16(self.table, self._addr(slot))
+
+    def write(self, slot: int, flags: int) -> None:
+        access.write_user_u16(self.table, UserAddress(self._addr(slot)), flags)
