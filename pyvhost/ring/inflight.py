@@ -237,16 +237,10 @@ class InflightRing:
             cleared = batch
             words[W_USED_IDX] = used_idx
         heads = np.flatnonzero(inflight)
-        order = counters[C_COUNTER0:C_COUNTER0 + 2 * queue_size:2][heads]
-        # Counters are u64 on the wire: compare them unsigned, ties (never made) by head.
-        heads = heads[np.lexsort((heads, order.view(np.uint64)))]
-        n = heads.shape[0]
-        resubmit[:n] = heads
-        state[S_RESUBMIT_END] = n
-        # The next counter, as the u64 the region holds (stored through the int64 view).
-        following = (int(order.view(np.uint64).max()) + 1) % (1 << 64) if n else 0
-        state[S_COUNTER] = following - (1 << 64) if following >= 1 << 63 else following
-        return InflightRecovery(False, cleared, heads.tolist(), (used_idx + n) & 0xFFFF)
+        heads = PI.queue_resubmissions(
+            heads, counters[C_COUNTER0:C_COUNTER0 + 2 * queue_size:2][heads], state, resubmit)
+        return InflightRecovery(False, cleared, heads.tolist(),
+                                (used_idx + heads.shape[0]) & 0xFFFF)
 
 
     def recover_packed(self, base: PackedBase, queue_size: int,

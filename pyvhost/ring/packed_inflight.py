@@ -73,8 +73,7 @@ from pyvhost.ring import packed_kernels as PK
 from pyvhost.ring.barriers import fence_release
 from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.jit import inlined_kernel
-from pyvhost.ring.packed_layout import (VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED, PackedBase,
-                                        avail_flags, is_valid_queue_size)
+from pyvhost.ring.packed_layout import PackedBase, avail_flags, is_used, is_valid_queue_size
 
 HEADER_SIZE = 32
 ENTRY_SIZE = 32
@@ -223,17 +222,27 @@ def recover(views: tuple, base: PackedBase, queue_size: int, ring: RingFlags) ->
     ew[free, EW_NEXT] = np.append(free[1:], size)
     words[W_FREE_HEAD] = free[0] if free.shape[0] else size
 
-    order = counters[EQ0 + EQ_COUNTER:EQ0 + EQS * size:EQS][heads]
+    heads = queue_resubmissions(heads, counters[EQ0 + EQ_COUNTER:EQ0 + EQS * size:EQS][heads],
+                                state, resubmit)
+    avail = _advance(used[0], used[1], slots, size)
+    _take_back_unpublished(ring, used, slots, size)
+    return PackedRecovery(False, cleared, rolled_back, heads.tolist(),
+                          PackedBase(avail[0], avail[1], used[0], used[1]))
+
+
+def queue_resubmissions(heads: np.ndarray, order: np.ndarray, state: np.ndarray,
+                        resubmit: np.ndarray) -> np.ndarray:
+    """Queue `heads` (with their counters `order`) for resubmission, smallest counter first,
+    and set the counter the next pop gets; returns them in that order. Counters are u64 in
+    the region (read and stored through int64 views): compared unsigned, ties (never made)
+    by head. Both layouts' recovery ends with this."""
     heads = heads[np.lexsort((heads, order.view(np.uint64)))]
     n = heads.shape[0]
     resubmit[:n] = heads
     state[S_RESUBMIT_END] = n
     following = (int(order.view(np.uint64).max()) + 1) % (1 << 64) if n else 0
     state[S_COUNTER] = following - (1 << 64) if following >= 1 << 63 else following
-    avail = _advance(used[0], used[1], slots, size)
-    _take_back_unpublished(ring, used, slots, size)
-    return PackedRecovery(False, cleared, rolled_back, heads.tolist(),
-                          PackedBase(avail[0], avail[1], used[0], used[1]))
+    return heads
 
 
 def _take_back_unpublished(ring: RingFlags, used: tuple[int, int], slots: int,
@@ -244,7 +253,7 @@ def _take_back_unpublished(ring: RingFlags, used: tuple[int, int], slots: int,
     for _ in range(slots - 1):
         pos, wrap = _advance(pos, wrap, 1, size)
         flags = ring.read(pos)
-        if bool(flags & VIRTQ_DESC_F_AVAIL) == bool(wrap) == bool(flags & VIRTQ_DESC_F_USED):
+        if is_used(flags, wrap):
             ring.write(pos, avail_flags(wrap))
 
 
