@@ -56,6 +56,7 @@ from pyvhost.ring.chains import ChainScratch
 from pyvhost.ring.direct_map import RingViews
 from pyvhost.ring.inflight import push_used_burst_inflight
 from pyvhost.ring.layout import MAX_QUEUE_SIZE, VIRTIO_F_VERSION_1
+from pyvhost.ring.poll import PollWindow
 from pyvhost.ring.split_queue import SplitQueue
 
 if TYPE_CHECKING:
@@ -372,6 +373,21 @@ class Device:
         `ring.kernels.needs_interrupt` decides right after publishing (asking twice would
         lose interrupts). Inside the worker's epoch: keep nothing derived from table, mem or
         views. Bad guest input breaks the queue (`queue.broken`)."""
+        raise NotImplementedError
+
+    def partner_ring(self, index: int) -> int | None:
+        """A ring whose bursts `process_pair` can run in one compiled loop with ring `index`'s
+        (net's loopback: TX ring 2k+1 with RX ring 2k), or None. A worker that serves both
+        rings, both processing, calls `process_pair` in ring `index`'s rounds; else each ring
+        keeps its own `process_burst`."""
+        return None
+
+    def process_pair(self, queue: SplitQueue, partner: SplitQueue, table: RegionTable,
+                     mem: KernelMemory, views: RingViews, partner_views: RingViews,
+                     window: PollWindow) -> tuple[int, bool, int, bool]:
+        """`process_burst` on `queue` and its `partner_ring` together, under the poll window
+        (a device with partner rings polls in its kernels). Returns (chains completed, wants
+        an interrupt?) for the ring, then for the partner."""
         raise NotImplementedError
 
     def drain_burst(self, queue: SplitQueue, table: RegionTable, mem: KernelMemory,

@@ -49,6 +49,7 @@ from pyvhost.device import Device
 from pyvhost.memory.epoch import WorkerEpoch
 from pyvhost.memory.guest_memory import GuestMemory
 from pyvhost.ring import kernels as K
+from pyvhost.ring.direct_map import NO_VIEWS, RingViews
 from pyvhost.ring.jit import kernel
 from pyvhost.ring.poll import PollWindow, cpu_relax
 
@@ -102,6 +103,11 @@ class Worker:
         self.memory = memory
         self.device = device
         self.vrings = tuple(vrings)
+        # Ring index -> the ring of this worker that Device.process_pair serves with it.
+        mine = {vr.index: vr for vr in self.vrings}
+        self._partners = {vr.index: mine[p] for vr in self.vrings
+                          if (p := device.partner_ring(vr.index)) is not None and p in mine
+                          and p != vr.index}
         self.poll_mode = poll_mode
         self._on_broken = on_broken
         #: Device IOTLB: called (this thread, outside the epoch) when a round met a miss.
@@ -219,6 +225,7 @@ class Worker:
         it did work or more is pending."""
         epoch = self._epoch
         epoch.enter()
+        partner = None
         try:
             if not vr.running:
                 return False
@@ -226,6 +233,7 @@ class Worker:
             queue = vr.queue
             table = self.memory.table
             views = queue.round_views(table)
+            partner, p_views = self._partner(vr, table)
             if queue.ring_missing:  # device IOTLB: the rings do not translate (yet)
                 if not queue.broken:
                     return False  # retried on the UPDATE (wake) or the next kick
@@ -236,11 +244,16 @@ class Worker:
                     K.disable_notification(mem, queue.q, views)
                     vr.notify_off = True
                 try:
-                    done, notify = self._burst(vr, table, mem, views, window)
+                    if partner is not None:
+                        done, notify = self._pair_burst(vr, partner, table, mem, views,
+                                                        p_views, window)
+                    else:
+                        done, notify = self._burst(vr, table, mem, views, window)
                 except Exception as exc:  # the device's code: break this ring only
-                    if not queue.broken:  # (a RingError of the Python queue API: broken)
-                        queue.fail_device(f"{type(self.device).__name__} raised "
-                                          f"{type(exc).__name__}: {exc}", exc)
+                    for broken in (queue,) if partner is None else (queue, partner.queue):
+                        if not broken.broken:  # (a RingError of the Python queue API: broken)
+                            broken.fail_device(f"{type(self.device).__name__} raised "
+                                               f"{type(exc).__name__}: {exc}", exc)
                     done, notify = 0, False
             if queue.broken:
                 vr.running = False
@@ -261,11 +274,43 @@ class Worker:
                 return False
         finally:
             epoch.leave()
-            if vr.queue.q[K.Q_MISSES] != vr.misses_seen and self._on_miss is not None:
-                vr.misses_seen = int(vr.queue.q[K.Q_MISSES])
-                self._on_miss(vr)  # outside the epoch: it sends on a socket
-        self._on_broken(vr)  # outside the epoch: it logs and signals
+            for ring in (vr,) if partner is None else (vr, partner):
+                if ring.queue.q[K.Q_MISSES] != ring.misses_seen and self._on_miss is not None:
+                    ring.misses_seen = int(ring.queue.q[K.Q_MISSES])
+                    self._on_miss(ring)  # outside the epoch: it sends on a socket
+            if partner is not None and partner.queue.broken:
+                self._on_broken(partner)  # outside the epoch: it logs and signals
+        self._on_broken(vr)
         return False
+
+    def _partner(self, vr: Vring, table) -> tuple[Vring | None, RingViews]:
+        """The ring to serve with vr in one process_pair call this round and its views, if
+        any: both rings process through the device's kernels and the partner's translates.
+        (In the epoch: the partner's `running`, read here, then holds for the round.)"""
+        partner = self._partners.get(vr.index)
+        if partner is None or not (vr.process and vr.runner is None and partner.running
+                                   and partner.process and partner.runner is None):
+            return None, NO_VIEWS
+        p_views = partner.queue.round_views(table)
+        if partner.queue.ring_missing:
+            return None, NO_VIEWS
+        return partner, p_views
+
+    def _pair_burst(self, vr: Vring, partner: Vring, table, mem, views, p_views,
+                    window: PollWindow) -> tuple[int, bool]:
+        """Device.process_pair on vr and its partner. Returns vr's (done, notify) and settles
+        the partner's: its interrupt signalled, a ring it broke stopped."""
+        p_queue = partner.queue
+        if self.poll_mode and not partner.notify_off:
+            K.disable_notification(mem, p_queue.q, p_views)
+            partner.notify_off = True
+        done, notify, p_done, p_notify = self.device.process_pair(
+            vr.queue, p_queue, table, mem, views, p_views, window)
+        if p_queue.broken:
+            partner.running = False  # reported by _round once out of the epoch
+        elif p_done > 0 and p_notify and partner.call is not None:
+            partner.call.signal()
+        return done, notify
 
     def _burst(self, vr: Vring, table, mem, views, window: PollWindow) -> tuple[int, bool]:
         queue = vr.queue

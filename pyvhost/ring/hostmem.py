@@ -127,3 +127,18 @@ def prefetch(typingctx, addr):
         builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
         return context.get_dummy_value()
     return types.void(types.int64), codegen
+
+
+@intrinsic
+def prefetch_write(typingctx, addr):
+    """`prefetch` with intent to write (x86 PREFETCHW): start taking the cache line at a host
+    address into this core's cache exclusively, for a buffer about to be written whose line
+    another core (the driver's, which read it last) holds. Never faults."""
+    def codegen(context, builder, signature, args):
+        i32 = ir.IntType(32)
+        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+    return types.void(types.int64), codegen

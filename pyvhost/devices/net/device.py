@@ -181,6 +181,19 @@ class NetDevice(Device):
             return self.io.process_tx(queue, mem, views, self.counters[queue.index], window)
         return self._drop(queue, mem, views, self.counters[queue.index], window)
 
+    def partner_ring(self, index: int) -> int | None:
+        # Loopback alone: TX ring 2k+1 and RX ring 2k in one loop (loop_kernels.loop_pair_poll).
+        if self.is_tx(index) and index < self.ctrl_index and self.io.loops_in_pairs:
+            return index - 1
+        return None
+
+    def process_pair(self, queue: SplitQueue, partner: SplitQueue, table: RegionTable,
+                     mem: KernelMemory, views: RingViews, partner_views: RingViews,
+                     window: PollWindow) -> tuple[int, bool, int, bool]:
+        mergeable = bool(self.features >> VIRTIO_NET_F_MRG_RXBUF & 1)
+        return self.io.process_loop_pair(queue, partner, mem, views, partner_views, mergeable,
+                                         self.counters[queue.index], window)
+
     def runs_when_disabled(self, index: int) -> bool:
         return self.is_tx(index)  # a disabled TX ring still consumes and drops (Ring states)
 

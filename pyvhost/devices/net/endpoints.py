@@ -9,7 +9,9 @@ Queue pair k (RX ring 2k, TX ring 2k+1) has:
 - TX to a TAP alone: `tap_kernels.tap_tx_poll` (compiled) pops bursts of TX chains and writes
   each chain's buffers to TAP fd k with one writev(2) straight from guest memory;
 - TX looped back alone: `loop_kernels.loop_tx_poll` (compiled) copies each TX chain straight
-  into RX backlog k and signals the RX side's wake-up eventfd once per call;
+  into RX backlog k and signals the RX side's wake-up eventfd once per call; when one worker
+  serves both rings of the pair, `loop_kernels.loop_pair_poll` copies and delivers in one
+  loop instead (`process_loop_pair`, called through `NetDevice.process_pair`);
 - TX to other sinks: a TX *scratch* frame ring: `tx_gather` (compiled) pops a burst of TX
   chains, copies header + frame into slots and completes the chains; then the sink takes the
   slots: one pcap write per burst, a copy into RX backlog k (loopback), and/or one write(2)
@@ -132,8 +134,13 @@ def _ip_checksum(header: bytes) -> int:
 
 
 def slot_size(mtu: int) -> int:
-    """Bytes of one frame-ring slot: virtio-net header + the largest frame, 64-byte rounded."""
-    return (RK.HDR + mtu + L2_OVERHEAD + 63) // 64 * 64
+    """Bytes of one frame-ring slot: virtio-net header + the largest frame, in an odd number
+    of 64-byte lines. Why odd: a small frame touches only its slot's first lines, and with a
+    stride of an even number of lines (1536 bytes for MTU 1500: 24) those fall in an eighth
+    of the CPU cache's sets, so a ring of 1024 slots evicts itself; an odd stride spreads
+    them over every set."""
+    lines = (RK.HDR + mtu + L2_OVERHEAD + 63) // 64
+    return (lines | 1) * 64
 
 
 class FrameRing:
@@ -249,6 +256,7 @@ class _Segments:
         self.seg_flags = np.zeros(segs, dtype=np.int64)
         self.chain_heads = np.zeros(max(queue_size, self.max_burst), dtype=np.int64)
         self.chain_ends = np.zeros(max(queue_size, self.max_burst), dtype=np.int64)
+        self.hosts = np.zeros(max(queue_size, self.max_burst), dtype=np.int64)  # tx_gather's
         self.iov = np.zeros(2 * TK.IOV_MAX, dtype=np.int64)   # struct iovec[IOV_MAX]
         self.frame = np.zeros(NK.HEADER_BYTES, dtype=np.uint8)  # headers to classify
 
@@ -288,6 +296,8 @@ class NetIo:
         # loopback alone straight into the RX backlog (loop_kernels.loop_tx_poll).
         self.tx_ring = [FrameRing(max_burst, self.slot) for _ in range(queue_pairs)] \
             if self.pcap is not None or (self.loopback and self.tap is not None) else []
+        # Loopback alone runs a queue pair's two rings in one loop when one worker serves both.
+        self.loops_in_pairs = self.loopback and not self.tx_ring
         self.tx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
         self.tx_extra = np.zeros((queue_pairs, RK.TX_EXTRA_LEN), dtype=np.int64)
         self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
@@ -389,8 +399,8 @@ class NetIo:
             rx = self.rx_ring[pair]
             done, notify = self._call("loop_tx", LK.loop_tx_poll, views, (
                 mem, queue.q, views, self._wake[pair], self.max_burst, w.cycles, w.idle_cycles,
-                w.leave, s.seg_addr, s.seg_len, s.seg_flags, rx.data, rx.lens, rx.ctl, counters,
-                extra, self._one))
+                w.leave, s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags,
+                s.hosts, rx.data, rx.lens, rx.ctl, counters, extra, self._one))
             return max(int(done), 0), bool(notify)
         if not self.tx_ring:  # a TAP is the only sink: straight from guest memory
             assert self.tap is not None
@@ -401,9 +411,9 @@ class NetIo:
             self._check_tx_errors(pair)
             return max(int(done), 0), bool(notify)
         ring = self.tx_ring[pair]
-        done, notify = RK.tx_gather(mem, queue.q, views, self.max_burst, s.seg_addr,
-                                    s.seg_len, s.seg_flags, ring.data, ring.lens, ring.ctl,
-                                    counters, extra)
+        done, notify = RK.tx_gather(mem, queue.q, views, self.max_burst, s.chain_heads,
+                                    s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.hosts,
+                                    ring.data, ring.lens, ring.ctl, counters, extra)
         if done <= 0:
             return 0, False
         if ring.pending:
@@ -418,6 +428,23 @@ class NetIo:
                 self._check_tx_errors(pair)
             ring.clear()
         return int(done), bool(notify)
+
+    def process_loop_pair(self, txq: SplitQueue, rxq: SplitQueue, mem: KernelMemory,
+                          tx_views: RingViews, rx_views: RingViews, mergeable: bool,
+                          counters: np.ndarray, w: PollWindow) -> tuple[int, bool, int, bool]:
+        """TX ring 2k+1 looped into RX ring 2k in one compiled loop (`loops_in_pairs`; the
+        worker serves both). Returns (TX chains, TX interrupt?, RX buffers, RX interrupt?)."""
+        pair = txq.index // 2
+        tx, rx, ring = self.tx_segs[pair], self.rx_segs[pair], self.rx_ring[pair]
+        # One compiled entry per views kind of each ring (_call keys on the TX ring's).
+        name = "loop_pair/rx copy" if rx_views is NO_VIEWS else "loop_pair/rx direct"
+        chains, tx_notify, buffers, rx_notify = self._call(name, LK.loop_pair_poll, tx_views, (
+                mem, txq.q, tx_views, rxq.q, rx_views, self._wake[pair], mergeable,
+                self.max_burst, w.cycles, w.idle_cycles, w.leave, tx.chain_heads, tx.chain_ends,
+                tx.seg_addr, tx.seg_len, tx.seg_flags, tx.hosts, rx.seg_addr, rx.seg_len, rx.seg_flags, rx.chain_heads,
+                rx.chain_ends, ring.data, ring.lens, ring.ctl, counters, self.tx_extra[pair],
+                self.rx_counters[pair], self._one))
+        return max(int(chains), 0), bool(tx_notify), max(int(buffers), 0), bool(rx_notify)
 
     def _check_tx_errors(self, pair: int) -> None:
         failed = int(self.tx_extra[:, RK.TX_WRITE_ERRORS].sum())
@@ -533,8 +560,8 @@ def warm_up() -> None:
                         ring.data, ring.lens, ring.ctl, counters)
     q.q[:] = 0
     q.set_size(1)
-    RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.seg_addr, s.seg_len, s.seg_flags, ring.data,
-                 ring.lens, ring.ctl, counters, extra)
+    RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len,
+                 s.seg_flags, s.hosts, ring.data, ring.lens, ring.ctl, counters, extra)
     # The TAP kernels, as NetIo calls them (fd -1: any call fails at once, EBADF).
     TK.tap_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave, s.chain_heads,
                    s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.iov, s.frame, counters,
@@ -544,12 +571,18 @@ def warm_up() -> None:
                    other.lens, other.ctl, np.zeros(64, dtype=np.uint8), counters)
     TK.ring_to_fd(-1, other.data, other.lens, other.ctl, extra)
     # Loopback's kernels (fd -1: the eventfd calls fail at once).
-    LK.loop_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave, s.seg_addr,
-                    s.seg_len, s.seg_flags, other.data, other.lens, other.ctl, counters, extra,
+    LK.loop_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave,
+                    s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.hosts,
+                    other.data, other.lens, other.ctl, counters, extra,
                     LK.eventfd_one())
     LK.loop_rx_poll(mem, q.q, NO_VIEWS, -1, True, 1, w.cycles, w.idle_cycles, w.leave,
                     s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends, other.data,
                     other.lens, other.ctl, counters, np.zeros(1, dtype=np.uint64))
+    LK.loop_pair_poll(mem, q.q, NO_VIEWS, q.q, NO_VIEWS, -1, True, 1, w.cycles, w.idle_cycles,
+                      w.leave, s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags,
+                      s.hosts, s.seg_addr, s.seg_len,
+                      s.seg_flags, s.chain_heads, s.chain_ends, other.data, other.lens,
+                      other.ctl, counters, extra, counters, LK.eventfd_one())
     TK.drain_fd(-1, np.zeros(64, dtype=np.uint8), 1)
     # What a worker calls around every ring's bursts, and the drop kernel a started but not yet
     # enabled TX ring runs (Device.discard_burst).

@@ -160,34 +160,34 @@ def array_to_guest(mem, addr, src, off, n):
 # ------------------------------------------------------------------------------------ TX --
 
 @kernel
-def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, lens, ctl,
-              counters, extra):
+def tx_gather(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags, hosts,
+              data, lens, ctl, counters, extra):
     """Pop up to max_chains TX chains into ring slots (see module doc).
 
-    counters: tx_drop' per-queue TX counters (packets, bytes, per protocol); extra: the
-    TX_* counters. Returns (chains completed, interrupt?); chains -1: the queue broke.
+    heads, chain_end, hosts: scratch of max_chains or more. The burst is popped first
+    (`pop_burst_hosts`: a chain of one readable buffer in one region, what DPDK's and Linux's
+    drivers send, comes with its host address and its first cache line already loading), then
+    copied: the driver's core has just written every frame, and the misses of a whole burst
+    overlap instead of stalling each copy in turn. counters: tx_drop' per-queue TX counters
+    (packets, bytes, per protocol); extra: the TX_* counters. Returns (chains completed,
+    interrupt?); chains -1: the queue broke.
     """
     cap = lens.shape[0]
     slot_size = data.shape[1]
     tail = ctl[R_TAIL]
     head = ctl[R_HEAD]
     fence_acquire()  # slots the consumer released are free only after we saw its head
-    n = K.avail_count(mem, q, views)
-    if n < 0:
-        return -1, False
-    n = min(n, max_chains)
-    done = 0
-    for _ in range(n):
-        h, end, _total = K.pop_chain(mem, q, views, seg_addr, seg_len, seg_flags, 0)
-        if h == -1:
-            return -1, False
-        if h == -3:  # an IOTLB miss: the rest waits for the entry
-            break
-        if h == -2:
-            K.fail(q, E.CHAIN_TOO_LONG, -1)
-            return -1, False
+    n = K.pop_burst_hosts(mem, q, views, min(max_chains, heads.shape[0]), 1, 0, heads,
+                          chain_end, seg_addr, seg_len, seg_flags, hosts)
+    if n <= 0:
+        return n, False
+    if hosts[n - 1] == 0:  # some chains took the general path: start loading them too
+        NK.prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n)
+    start = 0
+    for k in range(n):
+        end = chain_end[k]
         readable = 0
-        for j in range(end):
+        for j in range(start, end):
             if seg_flags[j] == 0:
                 readable += seg_len[j]
         counters[NK.C_PACKETS] += 1
@@ -205,21 +205,22 @@ def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, len
             else:
                 slot = tail & (cap - 1)
                 buf = data[slot]
-                pos = 0
-                for j in range(end):
-                    if seg_flags[j] == 0:
-                        if not guest_to_array(mem, seg_addr[j], buf, pos, seg_len[j]):
-                            K.fail(q, E.ADDR_UNMAPPED, seg_addr[j])
-                            return -1, False
-                        pos += seg_len[j]
+                if hosts[k] != 0:  # the fast path's lone buffer (in one region, readable)
+                    host_to_array(buf, 0, hosts[k], readable)
+                else:
+                    pos = 0
+                    for j in range(start, end):
+                        if seg_flags[j] == 0:
+                            if not guest_to_array(mem, seg_addr[j], buf, pos, seg_len[j]):
+                                K.fail(q, E.ADDR_UNMAPPED, seg_addr[j])
+                                return -1, False
+                            pos += seg_len[j]
                 lens[slot] = readable
                 NK.classify_frame(buf[HDR:], readable - HDR, counters)
                 tail += 1
-        if not K.add_used(mem, q, views, h, 0):
+        if not K.add_used(mem, q, views, heads[k], 0):
             return -1, False
-        done += 1
-    if done == 0:
-        return 0, False
+        start = end
     fence_release()  # slot contents before the tail that publishes them
     ctl[R_TAIL] = tail
     if not K.publish_used(mem, q, views):
@@ -227,7 +228,7 @@ def tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data, len
     notify = K.needs_interrupt(mem, q, views)
     if notify:
         counters[NK.C_NOTIFY] += 1
-    return done, notify
+    return n, notify
 
 
 # ------------------------------------------------------------------------------------ RX --
@@ -250,6 +251,13 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
     frames = 0
     buffers = 0
     avail = 0
+    if head != tail and (q[K.Q_FLAGS] & K.F_DIRECT):
+        # The guest's buffers this burst fills: asked for together (kernels.
+        # prefetch_lone_writable_direct), their lines come while the first frames are copied.
+        avail = K.avail_count(mem, q, views)
+        if avail < 0:
+            return -1, 0, False
+        K.prefetch_lone_writable_direct(mem, q, views, min(avail, tail - head, max_frames))
     seg_cap = seg_addr.shape[0]
     while head != tail and frames < max_frames:
         slot = head & (cap - 1)

@@ -9,6 +9,12 @@ single producer, single consumer) stays the only thing they share:
   if frames were queued, one write(2) to the wake-up eventfd the RX ring's worker sleeps on.
 - RX (`loop_rx_poll`): read (clear) that eventfd, then `rx_deliver` the backlog into the
   guest's buffers, burst after burst under the poll window.
+
+When one worker serves both rings (`Device.partner_ring`), `loop_pair_poll` runs them in one
+loop instead: a TX burst into the backlog, then at once a delivery of it, and again. Frames
+then cross in one burst's time rather than one worker pass's (two returns to Python, and a TX
+window that first polls its ring dry), which is what a closed loop's rate is made of: measured
+against virtio-user in io forwarding, the two kernels apart reached 0.4-0.8x DPDK's vhost PMD.
 """
 
 from __future__ import annotations
@@ -22,8 +28,9 @@ from pyvhost.ring.poll import read_cycles, window_goes_on
 
 
 @kernel
-def loop_tx_poll(mem, q, views, wake_fd, max_chains, max_cycles, idle_cycles, leave, seg_addr,
-                 seg_len, seg_flags, data, lens, ctl, counters, extra, one):
+def loop_tx_poll(mem, q, views, wake_fd, max_chains, max_cycles, idle_cycles, leave, heads,
+                 chain_end, seg_addr, seg_len, seg_flags, hosts, data, lens, ctl, counters,
+                 extra, one):
     """TX chains into the RX backlog (data, lens, ctl) for up to max_cycles, until the ring
     stayed empty for idle_cycles, the driver wants an interrupt or `leave` is raised; then
     signal wake_fd (an eventfd; `one` holds the uint64 1 it adds) if frames were queued.
@@ -34,8 +41,8 @@ def loop_tx_poll(mem, q, views, wake_fd, max_chains, max_cycles, idle_cycles, le
     start = read_cycles()
     last_work = start
     while True:
-        n, notify = RK.tx_gather(mem, q, views, max_chains, seg_addr, seg_len, seg_flags, data,
-                                 lens, ctl, counters, extra)
+        n, notify = RK.tx_gather(mem, q, views, max_chains, heads, chain_end, seg_addr,
+                                 seg_len, seg_flags, hosts, data, lens, ctl, counters, extra)
         if n < 0:
             return -1, False
         done += n
@@ -75,6 +82,49 @@ def loop_rx_poll(mem, q, views, wake_fd, mergeable, max_frames, max_cycles, idle
                                           idle_cycles)
         if not go_on:
             return buffers, False
+
+
+@kernel
+def loop_pair_poll(mem, txq, tx_views, rxq, rx_views, wake_fd, mergeable, max_chains,
+                   max_cycles, idle_cycles, leave, tx_heads, tx_end, tx_addr, tx_len, tx_flags,
+                   tx_hosts, rx_addr, rx_len, rx_flags, chain_heads, chain_ends, data, lens, ctl,
+                   tx_counters, extra, rx_counters, one):
+    """TX ring txq looped into RX ring rxq by one thread: a `tx_gather` burst into the backlog,
+    then `rx_deliver` of the backlog, under the poll window (as loop_tx_poll). Returns (TX
+    chains, TX interrupt?, RX buffers, RX interrupt?); a count of -1: that queue broke (the
+    other's figures stand). Frames the RX ring had no buffers for stay in the backlog, and
+    wake_fd is signalled so that the RX ring's own round delivers them."""
+    chains = 0
+    buffers = 0
+    tx_notify = False
+    rx_notify = False
+    start = read_cycles()
+    last_work = start
+    while True:
+        n, tx_notify = RK.tx_gather(mem, txq, tx_views, max_chains, tx_heads, tx_end, tx_addr,
+                                    tx_len, tx_flags, tx_hosts, data, lens, ctl, tx_counters,
+                                    extra)
+        if n < 0:
+            return -1, False, buffers, rx_notify
+        chains += n
+        frames = 0
+        if ctl[RK.R_TAIL] != ctl[RK.R_HEAD]:
+            frames, used, notify = RK.rx_deliver(mem, rxq, rx_views, mergeable, max_chains,
+                                                 rx_addr, rx_len, rx_flags, chain_heads,
+                                                 chain_ends, data, lens, ctl, rx_counters)
+            if frames < 0:
+                return chains, tx_notify, -1, False
+            buffers += used
+            rx_notify = rx_notify or notify
+        if tx_notify or rx_notify:
+            break
+        go_on, last_work = window_goes_on(leave, n > 0 or frames > 0, start, last_work,
+                                          max_cycles, idle_cycles)
+        if not go_on:
+            break
+    if ctl[RK.R_TAIL] != ctl[RK.R_HEAD]:
+        sys_write(wake_fd, one.ctypes.data, 8)
+    return chains, tx_notify, buffers, rx_notify
 
 
 def eventfd_one() -> np.ndarray:
