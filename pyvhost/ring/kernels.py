@@ -844,17 +844,17 @@ def lone_desc_direct(mem, q, views, head, flags_wanted, min_len, r):
 
 
 @inlined_kernel
-def prefetch_lone_writable_direct(mem, q, views, n):
-    """Start taking (prefetch for write) the first cache line of the buffers of the next n
-    available chains, as far as they are lone writable descriptors inside one region (what
-    `pop_lone_writable_direct` will pop): the driver's core read them last, so each write
-    would wait for its line in turn; asked for together the waits overlap. Changes nothing,
-    pops nothing; n <= avail_count(). The caller has F_DIRECT set. Skipped behind an IOTLB
-    (its hit counters count pops)."""
+def prefetch_lone_writable_direct(mem, q, views, n, span):
+    """Start taking (prefetch for write) the cache lines holding the first and the last of the
+    first `span` bytes of the buffers of the next n available chains, as far as they are lone
+    writable descriptors inside one region (what `pop_lone_writable_direct` will pop): the
+    driver's core read them last, so each write would wait for its lines in turn; asked for
+    together the waits overlap. Changes nothing, pops nothing; n <= avail_count(). The
+    caller has F_DIRECT set. Skipped behind an IOTLB (its hit counters count pops)."""
     if mem[KM_IOTLB].shape[0] != 0:
         return
     if q[Q_FLAGS] & F_PACKED:
-        P.prefetch_lone_writable_direct(mem, q, views, n)
+        P.prefetch_lone_writable_direct(mem, q, views, n, span)
         return
     if mem[KM_GPA_START].shape[0] == 0:
         return
@@ -865,11 +865,11 @@ def prefetch_lone_writable_direct(mem, q, views, n):
         head, _ok = read_avail_slot(mem, q, views, (next_avail + i) & (size - 1))
         if head >= size:
             return
-        host, _addr, _length, r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE, 1,
-                                                   r)
+        host, _addr, length, r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE, 1, r)
         if host == 0:
             return
         prefetch_write(host)
+        prefetch_write(host + max(min(length, span), 1) - 1)
 
 
 @inlined_kernel

@@ -422,7 +422,7 @@ def pop_lone_writable_direct(mem, q, views, min_len):
 
 
 @inlined_kernel
-def prefetch_lone_writable_direct(mem, q, views, n):
+def prefetch_lone_writable_direct(mem, q, views, n, span):
     """kernels.prefetch_lone_writable_direct for a packed ring."""
     size = q[K.Q_SIZE]
     if mem[KM_GPA_START].shape[0] == 0:
@@ -431,10 +431,11 @@ def prefetch_lone_writable_direct(mem, q, views, n):
     w = q[K.Q_AVAIL_WRAP]
     r = 0
     for _ in range(n):
-        host, _addr, _length, _ident, r = lone_desc_direct(mem, q, views, i, w, F_WRITE, 1, r)
+        host, _addr, length, _ident, r = lone_desc_direct(mem, q, views, i, w, F_WRITE, 1, r)
         if host == 0:
             return
         prefetch_write(host)
+        prefetch_write(host + max(min(length, span), 1) - 1)
         i, w = step(i, w, size)
 
 

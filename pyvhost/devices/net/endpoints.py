@@ -332,7 +332,8 @@ class NetIo:
         # Compiled entry points by (kernel, views kind), as NetDevice._drop keeps its own.
         self._entries: dict[tuple[str, bool], Any] = {}
         self._one_pass = one_pass_window()
-        self._errors_seen = [0, 0]  # TX write errors, RX read errors already logged
+        self._rx_errors_seen = 0  # RX read errors already logged
+        self._tx_errors_seen = [0] * queue_pairs  # TX write errors per pair already seen
 
     # -- rings ---------------------------------------------------------------------------------
 
@@ -447,17 +448,19 @@ class NetIo:
         return max(int(chains), 0), bool(tx_notify), max(int(buffers), 0), bool(rx_notify)
 
     def _check_tx_errors(self, pair: int) -> None:
-        failed = int(self.tx_extra[:, RK.TX_WRITE_ERRORS].sum())
-        if failed != self._errors_seen[0]:
-            self._errors_seen[0] = failed
+        # One scalar read: this runs after every TAP TX call (a numpy sum here was ~2% of a
+        # core at 0.6 Mpps).
+        failed = int(self.tx_extra[pair, RK.TX_WRITE_ERRORS])
+        if failed != self._tx_errors_seen[pair]:
+            self._tx_errors_seen[pair] = failed
             err = int(self.tx_extra[pair, RK.TX_LAST_ERRNO])
             _log_once(f"write to TAP {self.sink.arg} failed: {os.strerror(err)} (errno {err}); "
                       "such frames are dropped and counted (tx_dropped)")
 
     def _check_rx_errors(self, ring: FrameRing) -> None:
         failed = int(ring.ctl[RK.R_READ_ERRORS])
-        if failed > self._errors_seen[1]:
-            self._errors_seen[1] = failed
+        if failed > self._rx_errors_seen:
+            self._rx_errors_seen = failed
             err = int(ring.ctl[RK.R_LAST_ERRNO])
             _log_once(f"read from TAP {self.source.arg} failed: "  # type: ignore[union-attr]
                       f"{os.strerror(err)} (errno {err})")

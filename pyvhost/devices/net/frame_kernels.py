@@ -47,6 +47,7 @@ from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release
 from pyvhost.ring.errors import RingErrorCode as E
+from pyvhost.ring.hostmem import prefetch
 from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
@@ -183,6 +184,9 @@ def tx_gather(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
         return n, False
     if hosts[n - 1] == 0:  # some chains took the general path: start loading them too
         NK.prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n)
+    for k in range(n):  # and the last line of each lone buffer (the fast path took the first)
+        if hosts[k] != 0:
+            prefetch(hosts[k] + min(seg_len[chain_end[k] - 1], slot_size) - 1)
     start = 0
     for k in range(n):
         end = chain_end[k]
@@ -257,7 +261,8 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         avail = K.avail_count(mem, q, views)
         if avail < 0:
             return -1, 0, False
-        K.prefetch_lone_writable_direct(mem, q, views, min(avail, tail - head, max_frames))
+        K.prefetch_lone_writable_direct(mem, q, views, min(avail, tail - head, max_frames),
+                                        lens[head & (cap - 1)])
     seg_cap = seg_addr.shape[0]
     while head != tail and frames < max_frames:
         slot = head & (cap - 1)
