@@ -29,7 +29,8 @@ from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_IOTLB, K
                                   KM_PERM, KM_RUN_GPA, KM_SIZE, KM_USER_START)
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.hostmem import (atomic_or_u8, atomic_or_u64, load_u8, load_u16, load_u32,
-                                  load_u64, popcount, prefetch, prefetch_write, store_u8, store_u16, store_u32)
+                                  load_u64, popcount, prefetch, prefetch_write, store_u8,
+                                  store_u16, store_u32)
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
 

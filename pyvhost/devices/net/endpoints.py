@@ -440,11 +440,12 @@ class NetIo:
         # One compiled entry per views kind of each ring (_call keys on the TX ring's).
         name = "loop_pair/rx copy" if rx_views is NO_VIEWS else "loop_pair/rx direct"
         chains, tx_notify, buffers, rx_notify = self._call(name, LK.loop_pair_poll, tx_views, (
-                mem, txq.q, tx_views, rxq.q, rx_views, self._wake[pair], mergeable,
-                self.max_burst, w.cycles, w.idle_cycles, w.leave, tx.chain_heads, tx.chain_ends,
-                tx.seg_addr, tx.seg_len, tx.seg_flags, tx.hosts, rx.seg_addr, rx.seg_len, rx.seg_flags, rx.chain_heads,
-                rx.chain_ends, ring.data, ring.lens, ring.ctl, counters, self.tx_extra[pair],
-                self.rx_counters[pair], self._one))
+            mem, txq.q, tx_views, rxq.q, rx_views, self._wake[pair], mergeable,
+            min(self.max_burst, LK.PAIR_BURST), w.cycles, w.idle_cycles, w.leave,
+            tx.chain_heads, tx.chain_ends, tx.seg_addr, tx.seg_len, tx.seg_flags, tx.hosts,
+            rx.seg_addr, rx.seg_len, rx.seg_flags, rx.chain_heads, rx.chain_ends, ring.data,
+            ring.lens, ring.ctl, counters, self.tx_extra[pair], self.rx_counters[pair],
+            self._one))
         return max(int(chains), 0), bool(tx_notify), max(int(buffers), 0), bool(rx_notify)
 
     def _check_tx_errors(self, pair: int) -> None:

@@ -26,6 +26,12 @@ from pyvhost.ring.fdcalls import sys_read, sys_write
 from pyvhost.ring.jit import kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
+# Chains per TX burst of loop_pair_poll (DPDK's burst). Each burst prefetches the lines of its
+# frames before copying them, and of the RX buffers before filling them: 32 frames ask for
+# about 64 lines at once, what a core can have in flight; 256 asked for far more (the rest of
+# the hints are dropped), and a frame waited for a longer burst before crossing.
+PAIR_BURST = 32
+
 
 @kernel
 def loop_tx_poll(mem, q, views, wake_fd, max_chains, max_cycles, idle_cycles, leave, heads,
