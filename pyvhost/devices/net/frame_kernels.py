@@ -478,10 +478,11 @@ def huge_page_zeros(shape: tuple[int, int]) -> np.ndarray:
     """A zeroed uint8 array in anonymous memory that asks for transparent huge pages.
 
     Why: a frame ring's slots are touched a line or two at a time all over it (1.6 MB for
-    1024 slots), and in 4 KiB pages, placed wherever the kernel had them, how those lines
-    fall on the cache's sets changed from one process to the next: the loopback ran at
-    either about 8 or about 3.5 Mpps per start, steady within a run. One huge page is one
-    physically contiguous block, the same every time (and one TLB entry)."""
+    1024 slots); in 4 KiB pages, placed wherever the kernel had them, how those lines fall
+    on the cache's sets changes from one process to the next, while one huge page is one
+    physically contiguous block, the same every time (and one TLB entry). (Tried against
+    the 64-byte loopback's two speeds per process start, about 8 or 3.5 Mpps: they stayed,
+    so they come from elsewhere; docs/benchmark.md.)"""
     nbytes = max(shape[0] * shape[1], 1)
     area = mmap.mmap(-1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE,
                      flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
