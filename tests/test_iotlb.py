@@ -261,6 +261,7 @@ def test_invalidation_of_rings_and_buffers_keeps_the_queues_going(make):
         d.fe.wait_tx_done(1)
         sent += frames
         assert d.receive(len(sent)) == sent
+        misses_before = len(d.fe.misses)
         if rnd == 0:
             tx = d.fe.driver(1).iova_addresses()
             d.fe.iotlb_invalidate(tx.desc_table, PAGE)       # the TX descriptor table
@@ -268,7 +269,11 @@ def test_invalidation_of_rings_and_buffers_keeps_the_queues_going(make):
             d.fe.iotlb_invalidate(OFFSET, 16 * MiB)          # everything, rings included
         else:
             d.fe.iotlb_invalidate(OFFSET - PAGE, (1 << 64) - OFFSET + PAGE)  # to the end
-        assert d.stats()["iotlb_entries"] == (0 if rnd else d.stats()["iotlb_entries"])
+        if rnd:
+            # Emptied: an entry here can only come from a miss the device sent after the
+            # flush (a worker round that ran after it asks again, and this front-end's miss
+            # thread answers at once).
+            assert d.stats()["iotlb_entries"] == 0 or len(d.fe.misses) > misses_before
     s = d.close()
     assert s["queues_broken"] == 0 and s["iotlb_invalidations"] == 4
     assert s["iotlb_ring_invalidations"] >= 3
