@@ -96,6 +96,19 @@ class Daemon:
         wait_until(got, f"{n} {what} (have {len(self.received)})")
         return self.received
 
+    def receive_refilling(self, n: int) -> list[bytes]:
+        """Collect n frames from RX ring 0, giving back a 2048-byte buffer for each one used."""
+        received: list[bytes] = []
+        deadline = time.monotonic() + DEADLINE
+        while len(received) < n:
+            assert time.monotonic() < deadline, f"{len(received)} of {n} frames"
+            received += self.fe.received_frames(0)
+            drv = self.fe.driver(0)
+            if drv.num_free:
+                self.fe.post_rx_buffers(0, drv.num_free, 2048)
+            time.sleep(0.001)
+        return received
+
     def close(self) -> dict:
         self.fe.close()
         self.thread.join(DEADLINE)
@@ -220,15 +233,7 @@ def test_two_workers_many_frames_in_order(make, metadata_access, poll):
 
     d.fe.post_rx_buffers(0, 256, 2048)
     d.send(frames)
-    received = []
-    deadline = time.monotonic() + DEADLINE
-    while len(received) < len(frames):
-        assert time.monotonic() < deadline, f"{len(received)} of {len(frames)} frames"
-        received += d.fe.received_frames(0)
-        drv = d.fe.driver(0)
-        if drv.num_free:
-            d.fe.post_rx_buffers(0, drv.num_free, 2048)
-        time.sleep(0.001)
+    received = d.receive_refilling(len(frames))
     stop.set()
     assert received == frames
     s = d.close()
@@ -255,15 +260,7 @@ def test_one_worker_loops_both_rings_in_one_kernel(make, monkeypatch, metadata_a
     frames = [frame(i, 64 + i % 1400) for i in range(3000)]
     d.fe.post_rx_buffers(0, 256, 2048)
     d.send(frames)
-    received: list[bytes] = []
-    deadline = time.monotonic() + DEADLINE
-    while len(received) < len(frames):
-        assert time.monotonic() < deadline, f"{len(received)} of {len(frames)} frames"
-        received += d.fe.received_frames(0)
-        drv = d.fe.driver(0)
-        if drv.num_free:
-            d.fe.post_rx_buffers(0, drv.num_free, 2048)
-        time.sleep(0.001)
+    received = d.receive_refilling(len(frames))
     assert received == frames
     s = d.close()
     assert s["rx_dropped"] == 0 and s["rx_packets"] == s["tx_packets"] == 3000

@@ -113,32 +113,27 @@ def popcount(typingctx, value):
     return types.int64(value), codegen
 
 
-@intrinsic
-def prefetch(typingctx, addr):
-    """Hint the CPU to start loading the cache line at a host address (LLVM `prefetch`, read,
-    high locality). Never faults, so it may run before the address is known to be used; the
-    bursts use it to overlap the cache misses of a whole burst of frames the driver's core
-    has just written, instead of taking them one after another."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(0), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(types.int64), codegen
+def _prefetch(rw: int):
+    """An intrinsic calling LLVM `prefetch` (rw 0: read, 1: write; high locality, data)."""
+    @intrinsic
+    def hint(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            i32 = ir.IntType(32)
+            ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
+            fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+            fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+            builder.call(fn, [ptr, i32(rw), i32(3), i32(1)])
+            return context.get_dummy_value()
+        return types.void(types.int64), codegen
+    return hint
 
 
-@intrinsic
-def prefetch_write(typingctx, addr):
-    """`prefetch` with intent to write (x86 PREFETCHW): start taking the cache line at a host
-    address into this core's cache exclusively, for a buffer about to be written whose line
-    another core (the driver's, which read it last) holds. Never faults."""
-    def codegen(context, builder, signature, args):
-        i32 = ir.IntType(32)
-        ptr = builder.inttoptr(args[0], ir.IntType(8).as_pointer())
-        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
-        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
-        builder.call(fn, [ptr, i32(1), i32(3), i32(1)])
-        return context.get_dummy_value()
-    return types.void(types.int64), codegen
+#: Hint the CPU to start loading the cache line at a host address. Never faults, so it may run
+#: before the address is known to be used; the bursts use it to overlap the cache misses of a
+#: whole burst of frames the driver's core has just written, instead of taking them one after
+#: another.
+prefetch = _prefetch(0)
+#: `prefetch` with intent to write (x86 PREFETCHW): start taking the cache line into this
+#: core's cache exclusively, for a buffer about to be written whose line another core (the
+#: driver's, which read it last) holds. Never faults.
+prefetch_write = _prefetch(1)
