@@ -29,7 +29,7 @@ from pyvhost.memory.table import (KM_BY_USER, KM_GPA_START, KM_HOST, KM_IOTLB, K
                                   KM_PERM, KM_RUN_GPA, KM_SIZE, KM_USER_START)
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.hostmem import (atomic_or_u8, atomic_or_u64, load_u8, load_u16, load_u32,
-                                  load_u64, popcount, prefetch, prefetch_write, store_u8,
+                                  load_u64, popcount, prefetch, store_u8,
                                   store_u16, store_u32)
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.errors import RingErrorCode as E
@@ -842,35 +842,6 @@ def lone_desc_direct(mem, q, views, head, flags_wanted, min_len, r):
             return 0, 0, 0, r
         q[Q_IOTLB_HITS] += 1
     return mem[KM_HOST][r] + off, addr, length, r
-
-
-@inlined_kernel
-def prefetch_lone_writable_direct(mem, q, views, n, span):
-    """Start taking (prefetch for write) the cache lines holding the first and the last of the
-    first `span` bytes of the buffers of the next n available chains, as far as they are lone
-    writable descriptors inside one region (what `pop_lone_writable_direct` will pop): the
-    driver's core read them last, so each write would wait for its lines in turn; asked for
-    together the waits overlap. Changes nothing, pops nothing; n <= avail_count(). The
-    caller has F_DIRECT set. Skipped behind an IOTLB (its hit counters count pops)."""
-    if mem[KM_IOTLB].shape[0] != 0:
-        return
-    if q[Q_FLAGS] & F_PACKED:
-        P.prefetch_lone_writable_direct(mem, q, views, n, span)
-        return
-    if mem[KM_GPA_START].shape[0] == 0:
-        return
-    size = q[Q_SIZE]
-    next_avail = q[Q_NEXT_AVAIL]
-    r = 0
-    for i in range(n):
-        head, _ok = read_avail_slot(mem, q, views, (next_avail + i) & (size - 1))
-        if head >= size:
-            return
-        host, _addr, length, r = lone_desc_direct(mem, q, views, head, VIRTQ_DESC_F_WRITE, 1, r)
-        if host == 0:
-            return
-        prefetch_write(host)
-        prefetch_write(host + max(min(length, span), 1) - 1)
 
 
 @inlined_kernel

@@ -40,7 +40,7 @@ from pyvhost.memory.table import KM_GPA_START, KM_HOST, KM_LOG, KM_SIZE, KM_USER
 from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release, fence_seq_cst
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.hostmem import prefetch, prefetch_write
+from pyvhost.ring.hostmem import prefetch
 from pyvhost.ring.jit import inlined_kernel, kernel
 
 F_NEXT = 1
@@ -419,24 +419,6 @@ def pop_lone_writable_direct(mem, q, views, min_len):
     q[K.Q_AVAIL_WRAP] = w
     q[K.Q_CHAINS] += 1
     return ident | (1 << 16), host, addr
-
-
-@inlined_kernel
-def prefetch_lone_writable_direct(mem, q, views, n, span):
-    """kernels.prefetch_lone_writable_direct for a packed ring."""
-    size = q[K.Q_SIZE]
-    if mem[KM_GPA_START].shape[0] == 0:
-        return
-    i = q[K.Q_NEXT_AVAIL]
-    w = q[K.Q_AVAIL_WRAP]
-    r = 0
-    for _ in range(n):
-        host, _addr, length, _ident, r = lone_desc_direct(mem, q, views, i, w, F_WRITE, 1, r)
-        if host == 0:
-            return
-        prefetch_write(host)
-        prefetch_write(host + max(min(length, span), 1) - 1)
-        i, w = step(i, w, size)
 
 
 @inlined_kernel
