@@ -564,7 +564,7 @@ def huge_page_zeros(shape: tuple[int, int]) -> np.ndarray:
     1024 slots); in 4 KiB pages, placed wherever the kernel had them, how those lines fall
     on the cache's sets changes from one process to the next, while one huge page is one
     physically contiguous block, the same every time (and one TLB entry). (Tried against
-    the 64-byte loopback's two speeds per process start, about 8 or 3.5 Mpps: they stayed,
+    the 64-byte loopback's two speeds, about 8 or 3.5 Mpps: they stayed,
     so they come from elsewhere; docs/benchmark.md.)"""
     nbytes = max(shape[0] * shape[1], 1)
     area = mmap.mmap(-1, (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE,
