@@ -18,7 +18,7 @@ from pyvhost.daemon.vring import Vring
 from pyvhost.devices.net.device import NetDevice
 from pyvhost.memory.epoch import EpochDomain
 from pyvhost.memory.guest_memory import GuestMemory
-from pyvhost.ring.poll import PollWindow, cycles_per_second, one_pass_window
+from pyvhost.ring.poll import POLL_WINDOW_S, PollWindow, cycles_per_second, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue
 from pyvhost.testing.driver import MockSplitQueue
 from pyvhost.testing.guest_ram import GuestRam
@@ -158,7 +158,7 @@ def test_grace_period_ends_a_polling_burst_loop():
 def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
     """A busy-polling worker whose device polls in its kernel: frames are consumed, a grace
     period completes, sync() comes round and stop() returns, each well inside the window."""
-    monkeypatch.setattr(W, "PollWindow", lambda leave, idle: PollWindow(
+    monkeypatch.setattr(W, "PollWindow", lambda leave, idle, seconds=0.0: PollWindow(
         leave, idle=idle, seconds=LONG, idle_seconds=LONG))
     with drop_ring() as r:
         vr = Vring(1, r.queue)
@@ -187,9 +187,11 @@ class _WindowSpy(NetDevice):
         super().__init__()
         self.busy_rx = True
         self.calls: list[tuple[int, bool]] = []
+        self.cycles: list[tuple[int, int]] = []
 
     def process_burst(self, queue, table, mem, views, window=None):
         self.calls.append((queue.index, window.idle))
+        self.cycles.append((queue.index, window.cycles))
         time.sleep(0.0002)
         return (1 if queue.index == 0 and self.busy_rx else 0), False
 
@@ -232,3 +234,8 @@ def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
     tx_idle = [idle for index, idle in idle_phase if index == 1]
     assert tx_busy and not any(tx_busy)
     assert tx_idle and all(tx_idle)
+    # The ring that alone had work polls for the long window, the other for the short one.
+    rate = cycles_per_second()
+    busy_cycles = dev.cycles[2:len(busy_phase)]
+    assert {c for i, c in busy_cycles if i == 0} == {int(W.ALONE_WINDOW_S * rate)}
+    assert {c for i, c in busy_cycles if i == 1} == {int(POLL_WINDOW_S * rate)}

@@ -63,6 +63,14 @@ NOFD_POLL_MS = 1
 # ~50 us: measured against testpmd txonly, 5.4 Mpps of 64-byte frames.
 IDLE_PASSES_BEFORE_SPIN = 4
 IDLE_SPIN_S = 20e-6
+# The poll window of a ring that was the only one of its worker with work in the last pass
+# (others get ring/poll.py's POLL_WINDOW_S, 100 us). Why longer: each return to Python costs
+# a round (epoch, views, the device's call) of several microseconds; with a TAP sink, where
+# the kernel's write path takes most of the core, the worker spent about 5% of its time
+# outside the device's kernel at 100 us windows. The price: a ring that gets work while
+# another is alone waits up to this long, once (from the next pass on neither is alone);
+# a grace period still waits one burst at most (`leave`).
+ALONE_WINDOW_S = 1e-3
 
 
 @kernel
@@ -123,7 +131,8 @@ class Worker:
         self._epoch: WorkerEpoch = memory.epochs.register(name)
         # Devices that poll in their kernels (Device.polls_in_kernel) keep going within this
         # window and leave it when a writer raises the epoch's leave_request.
-        self._window = PollWindow(self._epoch.leave_request, idle=poll_mode)
+        self._window = PollWindow(self._epoch.leave_request, idle=poll_mode,
+                                  seconds=ALONE_WINDOW_S)
         self._drain_window = PollWindow(self._epoch.leave_request, idle=False)
         if poll_mode:
             idle_spin()  # load (or compile) and calibrate it now, not in the first idle pass
