@@ -41,13 +41,18 @@ def _atomic_load(bits: int, nbtype):
     return load
 
 
-def _atomic_store(bits: int, nbtype):
+def _store(bits: int, nbtype, *, atomic: bool):
+    """A `bits`-bit store at a host address: atomic (relaxed; the address naturally aligned),
+    or a plain one at any alignment."""
     @intrinsic
     def store(typingctx, addr, value):
         def codegen(context, builder, signature, args):
             ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
             val = context.cast(builder, args[1], signature.args[1], nbtype)
-            builder.store_atomic(val, ptr, "monotonic", bits // 8)
+            if atomic:
+                builder.store_atomic(val, ptr, "monotonic", bits // 8)
+            else:
+                builder.store(val, ptr, align=1)
             return context.get_dummy_value()
         return types.void(types.int64, value), codegen
     return store
@@ -60,8 +65,12 @@ def _atomic_store(bits: int, nbtype):
 load_u16 = _atomic_load(16, types.uint16)
 load_u32 = _atomic_load(32, types.uint32)
 load_u64 = _atomic_load(64, types.uint64)
-store_u16 = _atomic_store(16, types.uint16)
-store_u32 = _atomic_store(32, types.uint32)
+store_u16 = _store(16, types.uint16, atomic=True)
+store_u32 = _store(32, types.uint32, atomic=True)
+# Plain little-endian stores at any alignment, for guest buffers nobody reads concurrently
+# (e.g. a virtio-net header written into an RX buffer before the used element publishes it).
+store_u16_unaligned = _store(16, types.uint16, atomic=False)
+store_u64_unaligned = _store(64, types.uint64, atomic=False)
 
 
 @intrinsic

@@ -49,7 +49,8 @@ from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring import kernels as K
 from pyvhost.ring.barriers import fence_acquire, fence_release
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.hostmem import prefetch, prefetch_write
+from pyvhost.ring.hostmem import (prefetch, prefetch_write, store_u16_unaligned,
+                                  store_u64_unaligned)
 from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
@@ -110,23 +111,6 @@ def array_to_host(typingctx, host, arr, off, n):
         cgutils.raw_memcpy(builder, dst, src, args[3], 1)
         return context.get_dummy_value()
     return types.void(types.int64, arr, types.int64, types.int64), codegen
-
-
-def _unaligned_store(bits: int, nbtype):
-    @intrinsic
-    def store(typingctx, host, value):
-        """A `bits`-bit little-endian store at any host address (the caller checked it)."""
-        def codegen(context, builder, sig, args):
-            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
-            val = context.cast(builder, args[1], sig.args[1], nbtype)
-            builder.store(val, ptr, align=1)
-            return context.get_dummy_value()
-        return types.void(types.int64, value), codegen
-    return store
-
-
-store_u64_unaligned = _unaligned_store(64, types.uint64)
-store_u16_unaligned = _unaligned_store(16, types.uint16)
 
 
 @intrinsic
@@ -292,23 +276,30 @@ def _deliver_lone_burst(mem, q, views, n, head, data, lens, ctl, heads, hosts, g
     for i in range(n):
         slot = (head + i) & (cap - 1)
         total = lens[slot]
-        host = hosts[i]
-        array_to_host(host, data[slot], 0, total)
-        # Header: without offloads flags and GSO fields are zero (5.1.6.4.1); with them (a
-        # TAP source, GUEST_CSUM negotiated) they are the TAP's, for the driver to act on.
-        # Stored in guest memory after the copy, not in the slot before it: the copy's wide
-        # loads of bytes that narrower stores just wrote cannot be forwarded from the store
-        # buffer and would wait for every earlier store, the previous frames' among them.
-        if ctl[R_KEEP_HDR] == 0:
-            store_u64_unaligned(host, 0)
-            store_u16_unaligned(host + 8, 0)
-        store_u16_unaligned(host + NUM_BUFFERS_OFF, 1)
-        K.log_write(mem, q, gpas[i], total)
-        if not K.add_used(mem, q, views, heads[i], total):
+        if not _fill_lone_buffer(mem, q, views, heads[i], hosts[i], gpas[i], data[slot],
+                                 total, ctl):
             return False
         counters[RX_PACKETS] += 1
         counters[RX_BYTES] += total - HDR
     return True
+
+
+@inlined_kernel
+def _fill_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl):
+    """A frame (slot `buf`, `total` bytes with its header) into the one writable buffer of
+    chain `chain_head` at host/gpa, and its used element. False: the queue broke."""
+    array_to_host(host, buf, 0, total)
+    # Header: without offloads flags and GSO fields are zero (5.1.6.4.1); with them (a TAP
+    # source, GUEST_CSUM negotiated) they are the TAP's, for the driver to act on. Stored in
+    # guest memory after the copy, not in the slot before it: the copy's wide loads of bytes
+    # that narrower stores just wrote cannot be forwarded from the store buffer and would
+    # wait for every earlier store, the previous frames' among them.
+    if ctl[R_KEEP_HDR] == 0:
+        store_u64_unaligned(host, 0)
+        store_u16_unaligned(host + 8, 0)
+    store_u16_unaligned(host + NUM_BUFFERS_OFF, 1)
+    K.log_write(mem, q, gpa, total)
+    return K.add_used(mem, q, views, chain_head, total)
 
 
 @kernel
@@ -428,7 +419,7 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
                 continue
             counters[RX_WAITS] += 1
             break
-        # Header (as _deliver_lone_burst's).
+        # Header (the fast path's: _fill_lone_buffer).
         if fast_host == 0:
             if ctl[R_KEEP_HDR] == 0:
                 for b in range(NUM_BUFFERS_OFF):
@@ -443,13 +434,8 @@ def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flag
         sent = 0
         start = 0
         if fast_host != 0:
-            array_to_host(fast_host, buf, 0, total)
-            if ctl[R_KEEP_HDR] == 0:
-                store_u64_unaligned(fast_host, 0)
-                store_u16_unaligned(fast_host + 8, 0)
-            store_u16_unaligned(fast_host + NUM_BUFFERS_OFF, 1)
-            K.log_write(mem, q, fast_gpa, total)
-            if not K.add_used(mem, q, views, chain_heads[0], total):
+            if not _fill_lone_buffer(mem, q, views, chain_heads[0], fast_host, fast_gpa, buf,
+                                     total, ctl):
                 return -1, 0, False
             nchains = 0  # done: skip the general copy below
             buffers += 1
