@@ -58,9 +58,10 @@ def make_image(path: Path, sectors: int, tail: bytes = b"", seed: int = 1) -> by
     return data
 
 
-@pytest.fixture(params=["uring", "threads"], autouse=True)
+@pytest.fixture(params=["uring", "uring-sync", "threads"], autouse=True)
 def io_mode(request) -> str:
-    """Every test runs on both data paths (the compiled io_uring one and handle() with I/O
+    """Every test runs on each data path (the compiled one through io_uring, the compiled one
+    doing reads and writes synchronously as for a file in tmpfs, and handle() with I/O
     threads) unless it parametrizes `io_mode` itself."""
     Blk.io = request.param
     return request.param
@@ -73,7 +74,9 @@ class Blk:
 
     def __init__(self, tmp_path: Path, image: BlkImage, *, features: int = ALL,
                  ram_mib: int = 4, **kw) -> None:
-        kw.setdefault("io", self.io)
+        kw.setdefault("io", "uring" if self.io == "uring-sync" else self.io)
+        if self.io == "uring-sync":
+            image.sync_io = True  # as BlkImage.open sets it for a file in tmpfs
         self.image = image
         self.session = DeviceSession(lambda: BlkDevice(image, **kw), tmp_path / "blk.sock",
                                      features=features, ram_mib=ram_mib)

@@ -293,3 +293,39 @@ def test_cli_null_disk_on_the_uring_path(tmp_path):
     out = proc.stdout.read() if proc.stdout else ""
     assert proc.returncode == 0, out
     assert not sock.exists()
+
+
+def test_a_file_in_tmpfs_is_read_and_written_synchronously(tmp_path):
+    """A file in tmpfs, whose reads io_uring hands to its worker threads (tmpfs refuses
+    RWF_NOWAIT), is read and written by the compiled path itself; a file on a disk's file
+    system, or opened O_DIRECT, goes through io_uring."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        pytest.fail("no /dev/shm here: the test bed mounts tmpfs there")
+    path = shm / f"pyvhost-test-{os.getpid()}.raw"
+    try:
+        data = make_image(path, 64)
+        with BlkImage.open(path) as image:
+            if not image.sync_io:
+                # A kernel whose tmpfs takes RWF_NOWAIT: io_uring does the reads inline then.
+                try:
+                    os.preadv(image.fd, [bytearray(SECTOR)], 0, os.RWF_NOWAIT)
+                except OSError as e:
+                    pytest.fail(f"tmpfs refuses RWF_NOWAIT ({e}) but sync_io is off")
+                return
+            with session(tmp_path, image) as s:
+                s.start_queue(0)
+                out = s.request(0, [hdr(B.T_IN, 3)], [2 * SECTOR, 1])[1]
+                assert out == data[3 * SECTOR:5 * SECTOR] + bytes([B.S_OK])
+                new = random.Random(4).randbytes(SECTOR)
+                assert s.request(0, [hdr(B.T_OUT, 7), new], [1])[1] == bytes([B.S_OK])
+                stats = s.device.stats()
+                assert stats["blk_sync_io"] == 2 and stats["blk_uring_requests"] == 0
+                assert stats["blk_reads"] == stats["blk_writes"] == 1
+        assert path.read_bytes()[7 * SECTOR:8 * SECTOR] == new
+    finally:
+        path.unlink(missing_ok=True)
+    disk = tmp_path / "disk.raw"
+    make_image(disk, 64)
+    with BlkImage.open(disk) as image:
+        assert not image.sync_io

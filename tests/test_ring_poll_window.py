@@ -158,7 +158,7 @@ def test_grace_period_ends_a_polling_burst_loop():
 def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
     """A busy-polling worker whose device polls in its kernel: frames are consumed, a grace
     period completes, sync() comes round and stop() returns, each well inside the window."""
-    monkeypatch.setattr(W, "PollWindow", lambda leave, idle, seconds=0.0: PollWindow(
+    monkeypatch.setattr(W, "PollWindow", lambda leave, idle, seconds=0.0, idle_seconds=0.0: PollWindow(
         leave, idle=idle, seconds=LONG, idle_seconds=LONG))
     with drop_ring() as r:
         vr = Vring(1, r.queue)
@@ -188,10 +188,12 @@ class _WindowSpy(NetDevice):
         self.busy_rx = True
         self.calls: list[tuple[int, bool]] = []
         self.cycles: list[tuple[int, int]] = []
+        self.idle_cycles: list[tuple[int, int]] = []
 
     def process_burst(self, queue, table, mem, views, window=None):
         self.calls.append((queue.index, window.idle))
         self.cycles.append((queue.index, window.cycles))
+        self.idle_cycles.append((queue.index, window.idle_cycles))
         time.sleep(0.0002)
         return (1 if queue.index == 0 and self.busy_rx else 0), False
 
@@ -239,3 +241,35 @@ def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
     busy_cycles = dev.cycles[2:len(busy_phase)]
     assert {c for i, c in busy_cycles if i == 0} == {int(W.ALONE_WINDOW_S * rate)}
     assert {c for i, c in busy_cycles if i == 1} == {int(POLL_WINDOW_S * rate)}
+
+
+def test_in_interrupt_mode_a_ring_alone_polls_briefly_before_the_worker_sleeps():
+    """Interrupt mode: the ring that alone had work keeps polling its empty ring for
+    INTERRUPT_IDLE_POLL_S (a quick driver's next request is met there, not after a kick and
+    a wake-up); a ring beside it returns at its first empty look."""
+    with GuestRam([(0, 1 << 20)]) as ram:
+        memory = backend_memory(ram)
+        dev = _WindowSpy()
+        vrings = []
+        for index in (0, 1):
+            queue = device_queue(MockSplitQueue(ram, 8), memory, index=index)
+            vr = Vring(index, queue)
+            vr.running = vr.process = True
+            vrings.append(vr)
+        worker = W.Worker("w", memory, dev, vrings, poll_mode=False, on_broken=lambda v: None)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 10
+            while len(dev.calls) < 40 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        finally:
+            for vr in vrings:
+                vr.running = False
+            worker.stop()
+            for vr in vrings:
+                vr.queue.drop_views()
+            memory.close()
+    rate = cycles_per_second()
+    seen = dev.idle_cycles[2:40]
+    assert {c for i, c in seen if i == 0} == {int(W.INTERRUPT_IDLE_POLL_S * rate)}
+    assert {c for i, c in seen if i == 1} == {0}

@@ -28,7 +28,7 @@ from pyvhost.ring.errors import RingErrorCode as E
 from pyvhost.ring.inflight import (NO_INFLIGHT, InflightViews, inflight_mark,
                                    inflight_resubmit_pending, inflight_take_resubmit,
                                    inflight_walk_resubmit)
-from pyvhost.ring.jit import kernel
+from pyvhost.ring.jit import inlined_kernel
 
 
 class ChainScratch:
@@ -63,7 +63,7 @@ class ChainScratch:
                                 self.piece_gpa, self.piece_len))
 
 
-@kernel
+@inlined_kernel  # into blk's burst, called a chain at a time: ~130 words of arguments each
 def pop_requests(mem, q, views, iv, max_chains, heads, piece_end, first_writable, readable,
                  writable, seg_addr, seg_len, seg_flags, piece_region, piece_offset, piece_host,
                  piece_gpa, piece_len):

@@ -1,5 +1,5 @@
-"""read(2), readv(2), writev(2), pread(2), pwrite(2), fdatasync(2) and errno, called from
-compiled kernels.
+"""read(2), readv(2), writev(2), pread(2), pwrite(2), preadv2(2), pwritev2(2), fdatasync(2) and
+errno, called from compiled kernels.
 
 Why: a data path that moves frames between guest memory and a file descriptor (a TAP) must
 not come back to Python for each frame: a CPython `os.write` costs a microsecond or more on
@@ -101,6 +101,30 @@ def sys_pwrite(typingctx, fd, buf, count, offset):
         return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
                                  args[2], args[3]])
     return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_preadv2(typingctx, fd, iov, count, offset, flags):
+    """preadv2(fd, iov, count, offset, flags), iov as for sys_writev. Returns bytes read or
+    -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "preadv2", _I64, [_I32, _I8P, _I32, _I64, _I32])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 builder.trunc(args[2], _I32), args[3],
+                                 builder.trunc(args[4], _I32)])
+    return types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
+
+
+@intrinsic
+def sys_pwritev2(typingctx, fd, iov, count, offset, flags):
+    """pwritev2(fd, iov, count, offset, flags), iov as for sys_writev. Returns bytes written
+    or -1."""
+    def codegen(context, builder, sig, args):
+        fn = _libc(builder, "pwritev2", _I64, [_I32, _I8P, _I32, _I64, _I32])
+        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
+                                 builder.trunc(args[2], _I32), args[3],
+                                 builder.trunc(args[4], _I32)])
+    return types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @intrinsic

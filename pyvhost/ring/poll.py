@@ -112,9 +112,10 @@ class PollWindow:
     """What a worker hands a device kernel that can keep polling (see the module docstring).
 
     `leave` is the worker's `WorkerEpoch.leave_request` (int64[1]); `cycles` bounds one call;
-    `idle_cycles` how long it polls an empty ring. With `idle` False (interrupt-driven workers,
-    or other rings of the worker have work) that is 0: the kernel returns as soon as the ring
-    is empty, so the worker can move on, or re-enable kicks and sleep.
+    `idle_cycles` how long it polls an empty ring (`idle_seconds`: a worker in interrupt mode
+    gives a shorter time than a busy-polling one, then re-enables kicks and sleeps). With
+    `idle` False (other rings of the worker have work) that is 0: the kernel returns as soon
+    as the ring is empty, so the worker can move on.
     """
 
     __slots__ = ("leave", "cycles", "idle", "idle_cycles")

@@ -317,6 +317,13 @@ def sq_publish(ur):
     return (ur[UR_SQ_LOCAL_TAIL] - head) & U32
 
 
+@inlined_kernel
+def sq_unconsumed(ur):
+    """SQEs prepared that the kernel has not consumed yet (a submit that failed)."""
+    head = np.int64(load_u32(ur[UR_SQ_HEAD]))
+    return (ur[UR_SQ_LOCAL_TAIL] - head) & U32
+
+
 @kernel
 def enter(ur, to_submit, min_complete, flags):
     """io_uring_enter(2), retried on EINTR: SQEs the kernel consumed, or -errno (EAGAIN and

@@ -255,7 +255,8 @@ class BlkDevice(Device):
                 BK.ST_MAX_DISCARD_SECTORS: MAX_DISCARD_SECTORS,
                 BK.ST_MAX_WZ_SEG: MAX_WRITE_ZEROES_SEG,
                 BK.ST_MAX_WZ_SECTORS: MAX_WRITE_ZEROES_SECTORS,
-                BK.ST_DIRECT: image.align if image.direct else 0}
+                BK.ST_DIRECT: image.align if image.direct else 0,
+                BK.ST_SYNC_IO: int(image.sync_io)}
 
     def _write_through_changed(self) -> None:
         """The compiled path reads it per request, as handle() does."""

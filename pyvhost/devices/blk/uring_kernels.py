@@ -34,9 +34,17 @@ from pyvhost.ring import kernels as K
 from pyvhost.ring import uring as U
 from pyvhost.ring.chains import pop_requests
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.fdcalls import EINTR, errno_value, sys_fdatasync, sys_pread, sys_pwrite
+from pyvhost.ring.fdcalls import (
+    EINTR,
+    errno_value,
+    sys_fdatasync,
+    sys_pread,
+    sys_preadv2,
+    sys_pwrite,
+    sys_pwritev2,
+)
 from pyvhost.ring.hostmem import load_u8, store_u8
-from pyvhost.ring.inflight import publish_used_inflight
+from pyvhost.ring.inflight import inflight_resubmit_pending, publish_used_inflight
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
@@ -93,14 +101,17 @@ C_SUBMIT_ERRORS = 29   # io_uring_enter failures (requests then failed with IOER
 C_URING = 30           # requests submitted to io_uring
 ST_DIRECT = 31         # O_DIRECT's alignment (bytes), 0 without O_DIRECT
 C_BOUNCED = 32         # O_DIRECT requests whose guest buffers were not aligned (bounced)
-ST_LEN = 34
+ST_SYNC_IO = 33        # reads and writes done synchronously, not through io_uring (io.py's
+                       # BlkImage.sync_io: a file in memory that cannot do RWF_NOWAIT)
+C_SYNC_IO = 34         # requests done so
+ST_LEN = 35
 COUNTER_NAMES = {
     "blk_reads": C_READS, "blk_read_bytes": C_READ_BYTES, "blk_writes": C_WRITES,
     "blk_write_bytes": C_WRITE_BYTES, "blk_flushes": C_FLUSHES, "blk_discards": C_DISCARDS,
     "blk_write_zeroes": C_WRITE_ZEROES, "blk_get_id": C_GET_ID,
     "blk_unsupported": C_UNSUPPORTED, "blk_io_errors": C_IO_ERRORS, "blk_invalid": C_INVALID,
     "blk_bad_requests": C_BAD_REQUESTS, "blk_uring_submit_errors": C_SUBMIT_ERRORS,
-    "blk_uring_requests": C_URING, "blk_bounced": C_BOUNCED,
+    "blk_uring_requests": C_URING, "blk_bounced": C_BOUNCED, "blk_sync_io": C_SYNC_IO,
 }
 
 # -- inf: a row per head, the requests in flight --
@@ -184,6 +195,33 @@ def misaligned(iov, first, count, align):
         if (iov[2 * k] & mask) or (iov[2 * k + 1] & mask):
             return True
     return False
+
+
+@inlined_kernel
+def sync_rw(st, fd, write, pos, iov, first, count, length):
+    """Read or write `length` bytes at byte `pos` through the `count` iovec pairs of iov from
+    pair `first`, synchronously (preadv2/pwritev2, RWF_DSYNC when write-through), UIO_MAXIOV
+    pairs a call. Returns True when every byte moved (False: an error, or short)."""
+    flags = RWF_DSYNC if write and st[ST_DSYNC] else 0
+    c = 0
+    done = 0
+    while c < count:
+        m = min(UIO_MAXIOV, count - c)
+        want = 0
+        for j in range(first + c, first + c + m):
+            want += iov[2 * j + 1]
+        addr = iov.ctypes.data + 16 * (first + c)
+        if write:
+            r = sys_pwritev2(fd, addr, m, pos + done, flags)
+        else:
+            r = sys_preadv2(fd, addr, m, pos + done, flags)
+        if r < 0 and errno_value() == EINTR:
+            continue
+        if r != want:  # an error, or short (the image shrank? the file system is full?)
+            return False
+        done += r
+        c += m
+    return done == length
 
 
 @kernel
@@ -400,7 +438,7 @@ def complete_cqes(mem, q, views, st, used_heads, ur, cqes, inf, cu, cr, publish)
                 done += 1
 
 
-@kernel
+@inlined_kernel  # into blk_poll: a call copies some 200 words of array arguments
 def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains, heads,
               piece_end, first_writable, readable, writable, seg_addr, seg_len, seg_flags,
               piece_region, piece_offset, piece_host, piece_gpa, piece_len, iov, cu, cr, hdr,
@@ -586,6 +624,21 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
                     return -1
                 done += 1
                 continue
+            if st[ST_SYNC_IO]:
+                # A file in memory that io_uring would hand to its worker threads: the copy
+                # now, on this thread, is cheaper (BlkImage.sync_io).
+                ok = sync_rw(st, fd, rtype == T_OUT, sector * SECTOR, iov, iov_pos, got,
+                             length)
+                if rtype == T_IN:
+                    log_pieces(mem, q, piece_gpa, piece_len, pw, p1, length)
+                if ok:
+                    count_done(st, rtype, length)
+                st[C_SYNC_IO] += 1
+                if not answer(mem, q, views, st, used_heads, shost, sgpa,
+                              S_OK if ok else S_IOERR, token, used):
+                    return -1
+                done += 1
+                continue
             nsub = (got + UIO_MAXIOV - 1) // UIO_MAXIOV  # preadv's limit a READV
         inf[head, F_STATUS] = S_OK
         inf[head, F_TOKEN] = token
@@ -699,9 +752,24 @@ def blk_poll(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains,
             break
         go_on, last_work = window_goes_on(leave, n > 0, start, last_work, max_cycles,
                                           idle_cycles)
+        # An empty ring is watched with a few loads, not with bursts: a burst is a call
+        # with some 200 words of arguments, and looking with it made every turn of an idle
+        # poll cost as much as serving a request (half the back-end's samples at QD 32).
+        while go_on and not has_work(mem, q, views, iv, st, ur):
+            go_on, last_work = window_goes_on(leave, False, start, last_work, max_cycles,
+                                              idle_cycles)
         if not go_on:
             break
     return done, notify
+
+
+@inlined_kernel
+def has_work(mem, q, views, iv, st, ur):
+    """Would a burst find anything: chains made available (or a broken ring: the burst
+    says so), heads to resubmit, completions posted, or SQEs the kernel has not taken yet?"""
+    if U.cq_ready(ur) > 0 or U.sq_unconsumed(ur) > 0 or inflight_resubmit_pending(iv) > 0:
+        return True
+    return K.avail_count(mem, q, views) != 0
 
 
 @kernel
