@@ -158,8 +158,8 @@ def test_grace_period_ends_a_polling_burst_loop():
 def test_busy_poll_worker_with_long_window_serves_sync_grace_and_stop(monkeypatch):
     """A busy-polling worker whose device polls in its kernel: frames are consumed, a grace
     period completes, sync() comes round and stop() returns, each well inside the window."""
-    monkeypatch.setattr(W, "PollWindow", lambda leave, idle, seconds=0.0, idle_seconds=0.0: PollWindow(
-        leave, idle=idle, seconds=LONG, idle_seconds=LONG))
+    monkeypatch.setattr(W, "PollWindow", lambda leave, idle, seconds=0.0, idle_seconds=0.0:
+                        PollWindow(leave, idle=idle, seconds=LONG, idle_seconds=LONG))
     with drop_ring() as r:
         vr = Vring(1, r.queue)
         vr.running = vr.process = True
@@ -198,10 +198,10 @@ class _WindowSpy(NetDevice):
         return (1 if queue.index == 0 and self.busy_rx else 0), False
 
 
-def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
-    """A busy RX ring beside an idle TX ring: the TX ring's window ends at the first empty
-    look (else each pass would hold the RX ring up for a whole window); once the RX ring is
-    idle too, the TX ring may poll on."""
+@contextmanager
+def _spy_worker(poll_mode: bool) -> Iterator[_WindowSpy]:
+    """A worker (busy-polling or not) serving two rings, 0 and 1, of a _WindowSpy; stopped and
+    cleaned up on exit."""
     with GuestRam([(0, 1 << 20)]) as ram:
         memory = backend_memory(ram)
         dev = _WindowSpy()
@@ -211,20 +211,11 @@ def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
             vr = Vring(index, queue)
             vr.running = vr.process = True
             vrings.append(vr)
-        worker = W.Worker("w", memory, dev, vrings, poll_mode=True, on_broken=lambda v: None)
+        worker = W.Worker("w", memory, dev, vrings, poll_mode=poll_mode,
+                          on_broken=lambda v: None)
         worker.start()
         try:
-            deadline = time.monotonic() + 10
-            while len(dev.calls) < 40 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            busy_phase = list(dev.calls)
-            dev.busy_rx = False
-            time.sleep(0.05)
-            n = len(dev.calls)
-            deadline = time.monotonic() + 10
-            while len(dev.calls) < n + 40 and time.monotonic() < deadline:
-                time.sleep(0.001)
-            idle_phase = dev.calls[n:]
+            yield dev
         finally:
             for vr in vrings:
                 vr.running = False
@@ -232,6 +223,26 @@ def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
             for vr in vrings:
                 vr.queue.drop_views()
             memory.close()
+
+
+def _wait_calls(dev: _WindowSpy, n: int) -> None:
+    deadline = time.monotonic() + 10
+    while len(dev.calls) < n and time.monotonic() < deadline:
+        time.sleep(0.001)
+
+
+def test_an_idle_ring_polls_on_only_while_the_workers_other_rings_are_idle():
+    """A busy RX ring beside an idle TX ring: the TX ring's window ends at the first empty
+    look (else each pass would hold the RX ring up for a whole window); once the RX ring is
+    idle too, the TX ring may poll on."""
+    with _spy_worker(poll_mode=True) as dev:
+        _wait_calls(dev, 40)
+        busy_phase = list(dev.calls)
+        dev.busy_rx = False
+        time.sleep(0.05)
+        n = len(dev.calls)
+        _wait_calls(dev, n + 40)
+        idle_phase = dev.calls[n:]
     tx_busy = [idle for index, idle in busy_phase[2:] if index == 1]
     tx_idle = [idle for index, idle in idle_phase if index == 1]
     assert tx_busy and not any(tx_busy)
@@ -247,28 +258,8 @@ def test_in_interrupt_mode_a_ring_alone_polls_briefly_before_the_worker_sleeps()
     """Interrupt mode: the ring that alone had work keeps polling its empty ring for
     INTERRUPT_IDLE_POLL_S (a quick driver's next request is met there, not after a kick and
     a wake-up); a ring beside it returns at its first empty look."""
-    with GuestRam([(0, 1 << 20)]) as ram:
-        memory = backend_memory(ram)
-        dev = _WindowSpy()
-        vrings = []
-        for index in (0, 1):
-            queue = device_queue(MockSplitQueue(ram, 8), memory, index=index)
-            vr = Vring(index, queue)
-            vr.running = vr.process = True
-            vrings.append(vr)
-        worker = W.Worker("w", memory, dev, vrings, poll_mode=False, on_broken=lambda v: None)
-        worker.start()
-        try:
-            deadline = time.monotonic() + 10
-            while len(dev.calls) < 40 and time.monotonic() < deadline:
-                time.sleep(0.001)
-        finally:
-            for vr in vrings:
-                vr.running = False
-            worker.stop()
-            for vr in vrings:
-                vr.queue.drop_views()
-            memory.close()
+    with _spy_worker(poll_mode=False) as dev:
+        _wait_calls(dev, 40)
     rate = cycles_per_second()
     seen = dev.idle_cycles[2:40]
     assert {c for i, c in seen if i == 0} == {int(W.INTERRUPT_IDLE_POLL_S * rate)}

@@ -33,25 +33,40 @@ def _libc(builder: ir.IRBuilder, name: str, ret: ir.Type, params: list[ir.Type])
     return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, params), name)
 
 
-@intrinsic
-def sys_writev(typingctx, fd, iov, count):
-    """writev(fd, iov, count): iov is the host address of `count` struct iovec (two int64
-    each: base address, length). Returns bytes written or -1."""
-    def codegen(context, builder, sig, args):
-        fn = _libc(builder, "writev", _I64, [_I32, _I8P, _I32])
-        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
-                                 builder.trunc(args[2], _I32)])
-    return types.int64(types.int64, types.int64, types.int64), codegen
+def _vectored(name: str):
+    """`name`(fd, iov, count) (readv or writev): iov is the host address of `count` struct
+    iovec (two int64 each: base address, length). Returns bytes moved or -1."""
+    @intrinsic
+    def call(typingctx, fd, iov, count):
+        def codegen(context, builder, sig, args):
+            fn = _libc(builder, name, _I64, [_I32, _I8P, _I32])
+            return builder.call(fn, [builder.trunc(args[0], _I32),
+                                     builder.inttoptr(args[1], _I8P),
+                                     builder.trunc(args[2], _I32)])
+        return types.int64(types.int64, types.int64, types.int64), codegen
+    return call
 
 
-@intrinsic
-def sys_readv(typingctx, fd, iov, count):
-    """readv(fd, iov, count), iov as for sys_writev. Returns bytes read or -1."""
-    def codegen(context, builder, sig, args):
-        fn = _libc(builder, "readv", _I64, [_I32, _I8P, _I32])
-        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
-                                 builder.trunc(args[2], _I32)])
-    return types.int64(types.int64, types.int64, types.int64), codegen
+def _vectored_at(name: str):
+    """`name`(fd, iov, count, offset, flags) (preadv2 or pwritev2), iov as for `_vectored`.
+    Returns bytes moved or -1."""
+    @intrinsic
+    def call(typingctx, fd, iov, count, offset, flags):
+        def codegen(context, builder, sig, args):
+            fn = _libc(builder, name, _I64, [_I32, _I8P, _I32, _I64, _I32])
+            return builder.call(fn, [builder.trunc(args[0], _I32),
+                                     builder.inttoptr(args[1], _I8P),
+                                     builder.trunc(args[2], _I32), args[3],
+                                     builder.trunc(args[4], _I32)])
+        return (types.int64(types.int64, types.int64, types.int64, types.int64, types.int64),
+                codegen)
+    return call
+
+
+sys_writev = _vectored("writev")
+sys_readv = _vectored("readv")
+sys_preadv2 = _vectored_at("preadv2")
+sys_pwritev2 = _vectored_at("pwritev2")
 
 
 @intrinsic
@@ -101,30 +116,6 @@ def sys_pwrite(typingctx, fd, buf, count, offset):
         return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
                                  args[2], args[3]])
     return types.int64(types.int64, types.int64, types.int64, types.int64), codegen
-
-
-@intrinsic
-def sys_preadv2(typingctx, fd, iov, count, offset, flags):
-    """preadv2(fd, iov, count, offset, flags), iov as for sys_writev. Returns bytes read or
-    -1."""
-    def codegen(context, builder, sig, args):
-        fn = _libc(builder, "preadv2", _I64, [_I32, _I8P, _I32, _I64, _I32])
-        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
-                                 builder.trunc(args[2], _I32), args[3],
-                                 builder.trunc(args[4], _I32)])
-    return types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
-
-
-@intrinsic
-def sys_pwritev2(typingctx, fd, iov, count, offset, flags):
-    """pwritev2(fd, iov, count, offset, flags), iov as for sys_writev. Returns bytes written
-    or -1."""
-    def codegen(context, builder, sig, args):
-        fn = _libc(builder, "pwritev2", _I64, [_I32, _I8P, _I32, _I64, _I32])
-        return builder.call(fn, [builder.trunc(args[0], _I32), builder.inttoptr(args[1], _I8P),
-                                 builder.trunc(args[2], _I32), args[3],
-                                 builder.trunc(args[4], _I32)])
-    return types.int64(types.int64, types.int64, types.int64, types.int64, types.int64), codegen
 
 
 @intrinsic

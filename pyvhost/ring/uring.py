@@ -309,19 +309,18 @@ def prep(ur, sqes, opcode, sqe_flags, fd, off, addr, length, op_flags, user_data
 
 
 @inlined_kernel
-def sq_publish(ur):
-    """Make the prepared SQEs visible to the kernel; returns how many are pending."""
-    fence_release()
-    store_u32(ur[UR_SQ_TAIL], ur[UR_SQ_LOCAL_TAIL])
+def sq_unconsumed(ur):
+    """SQEs prepared that the kernel has not consumed yet (published or not)."""
     head = np.int64(load_u32(ur[UR_SQ_HEAD]))
     return (ur[UR_SQ_LOCAL_TAIL] - head) & U32
 
 
 @inlined_kernel
-def sq_unconsumed(ur):
-    """SQEs prepared that the kernel has not consumed yet (a submit that failed)."""
-    head = np.int64(load_u32(ur[UR_SQ_HEAD]))
-    return (ur[UR_SQ_LOCAL_TAIL] - head) & U32
+def sq_publish(ur):
+    """Make the prepared SQEs visible to the kernel; returns how many are pending."""
+    fence_release()
+    store_u32(ur[UR_SQ_TAIL], ur[UR_SQ_LOCAL_TAIL])
+    return sq_unconsumed(ur)
 
 
 @kernel

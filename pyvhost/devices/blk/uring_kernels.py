@@ -607,33 +607,25 @@ def blk_burst(mem, q, views, iv, st, ur, sqes, cqes, inf, used_heads, max_chains
             if got < 0:  # not reached: iov had room for the most pieces a chain has
                 K.fail(q, E.DEVICE_FAILED, head)
                 return -1
-            if st[ST_DIRECT] > 0 and misaligned(iov, iov_pos, got, st[ST_DIRECT]):
-                # O_DIRECT refuses these buffers: bounced now, answered at once.
-                if rtype == T_IN:
+            bounce = st[ST_DIRECT] > 0 and misaligned(iov, iov_pos, got, st[ST_DIRECT])
+            if bounce or st[ST_SYNC_IO]:
+                # Done now, on this thread, and answered at once: O_DIRECT refuses these
+                # buffers (bounced), or the file is in memory and io_uring would hand it to
+                # its worker threads, a hop dearer than the copy (BlkImage.sync_io).
+                if bounce and rtype == T_IN:
                     ok = bounced_rw(st, fd, False, sector * SECTOR, piece_host, piece_len, pw,
                                     p1, 0, length, hdr)
-                    log_pieces(mem, q, piece_gpa, piece_len, pw, p1, length)
-                else:
+                elif bounce:
                     ok = bounced_rw(st, fd, True, sector * SECTOR, piece_host, piece_len, a,
                                     pw, HEADER_LEN, length, hdr)
-                if ok:
-                    count_done(st, rtype, length)
-                st[C_BOUNCED] += 1
-                if not answer(mem, q, views, st, used_heads, shost, sgpa,
-                              S_OK if ok else S_IOERR, token, used):
-                    return -1
-                done += 1
-                continue
-            if st[ST_SYNC_IO]:
-                # A file in memory that io_uring would hand to its worker threads: the copy
-                # now, on this thread, is cheaper (BlkImage.sync_io).
-                ok = sync_rw(st, fd, rtype == T_OUT, sector * SECTOR, iov, iov_pos, got,
-                             length)
+                else:
+                    ok = sync_rw(st, fd, rtype == T_OUT, sector * SECTOR, iov, iov_pos, got,
+                                 length)
                 if rtype == T_IN:
                     log_pieces(mem, q, piece_gpa, piece_len, pw, p1, length)
                 if ok:
                     count_done(st, rtype, length)
-                st[C_SYNC_IO] += 1
+                st[C_BOUNCED if bounce else C_SYNC_IO] += 1
                 if not answer(mem, q, views, st, used_heads, shost, sgpa,
                               S_OK if ok else S_IOERR, token, used):
                     return -1
