@@ -572,7 +572,7 @@ def write_avail_event(mem, q, views, idx):
 
 # ------------------------------------------------------------------------ the algorithm --
 
-@kernel
+@inlined_kernel
 def avail_count(mem, q, views):
     """Chains the driver has made available past next_avail; -1 (queue broken) on bad input."""
     if q[Q_FLAGS] & F_PACKED:
@@ -695,7 +695,7 @@ def walk_chain(mem, q, views, head, seg_addr, seg_len, seg_flags, seg_pos):
     return head, pos, total
 
 
-@kernel
+@inlined_kernel
 def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags):
     """Pop up to max_chains chains. Chain k's segments are [chain_end[k-1], chain_end[k]).
 
@@ -711,7 +711,7 @@ def pop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, se
                       seg_flags)
 
 
-@kernel
+@inlined_kernel
 def pop_burst_hosts(mem, q, views, max_chains, min_len, first_read, heads, chain_end, seg_addr,
                     seg_len, seg_flags, hosts):
     """pop_burst, and the host address of every chain the direct map's fast path took
@@ -916,7 +916,7 @@ def add_used(mem, q, views, head, length):
     return True
 
 
-@kernel
+@inlined_kernel
 def publish_used(mem, q, views):
     """Make the written used elements visible: used->idx after the elements (2.7.8). While
     logging, the bits of every page written so far are set first (DPDK syncs its log cache
@@ -931,7 +931,7 @@ def publish_used(mem, q, views):
     return True
 
 
-@kernel
+@inlined_kernel
 def needs_interrupt(mem, q, views):
     """Should the device notify the driver now? (2.7.10, vring_need_event; Linux vhost_notify)."""
     if q[Q_FLAGS] & F_PACKED:
@@ -982,7 +982,7 @@ def enable_notification(mem, q, views):
     return ok and idx != q[Q_NEXT_AVAIL]
 
 
-@kernel
+@inlined_kernel
 def push_used_burst(mem, q, views, heads, lens, n):
     """Add n used elements, publish once, and return whether to interrupt (-1: broken)."""
     for k in range(n):

@@ -163,7 +163,7 @@ def array_to_guest(mem, addr, src, off, n):
 
 # ------------------------------------------------------------------------------------ TX --
 
-@kernel
+@inlined_kernel
 def tx_gather(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags, hosts,
               data, lens, ctl, counters, extra):
     """Pop up to max_chains TX chains into ring slots (see module doc).
@@ -302,7 +302,7 @@ def _fill_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl):
     return K.add_used(mem, q, views, chain_head, total)
 
 
-@kernel
+@inlined_kernel
 def rx_deliver(mem, q, views, mergeable, max_frames, seg_addr, seg_len, seg_flags,
                chain_heads, chain_ends, data, lens, ctl, counters):
     """Deliver up to max_frames pending frames of the ring into RX buffers (see module doc).

@@ -67,7 +67,7 @@ def chain_iov(mem, seg_addr, seg_len, seg_flags, start, end, iov):
     return count, total
 
 
-@kernel
+@inlined_kernel
 def tap_tx_burst(mem, q, views, fd, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags,
                  iov, scratch, counters, extra):
     """One TX burst to the TAP (see the module doc). Returns chains done (-1: queue broken)."""
@@ -133,7 +133,7 @@ def tap_tx_poll(mem, q, views, fd, max_chains, max_cycles, idle_cycles, leave, h
 
 # ------------------------------------------------------------------------------------ RX --
 
-@kernel
+@inlined_kernel
 def fill_from_fd(fd, data, lens, ctl, limit):
     """Producer side of a frame ring: read(2) up to `limit` frames from fd into free slots.
     Returns (frames read, whether the fd may hold more: stopped by the limit or a full ring).
@@ -195,7 +195,7 @@ def drain_fd(fd, scratch, limit):
     return n
 
 
-@kernel
+@inlined_kernel
 def tap_rx_round(mem, q, views, fd, mergeable, max_frames, seg_addr, seg_len, seg_flags,
                  chain_heads, chain_ends, data, lens, ctl, drain, counters):
     """Deliver the backlog, read the TAP into it, deliver again, drop at the source if the
@@ -254,7 +254,7 @@ def tap_rx_poll(mem, q, views, fd, mergeable, max_frames, max_cycles, idle_cycle
             return buffers, False
 
 
-@kernel
+@inlined_kernel
 def ring_to_fd(fd, data, lens, ctl, extra):
     """Consumer side of a frame ring: write each pending frame with one write(2), empty the
     ring. Failed writes are counted in extra (TX_WRITE_ERRORS, TX_LAST_ERRNO). Returns frames

@@ -42,7 +42,7 @@ ETH_P_ARP = 0x0806
 ETH_P_8021Q = 0x8100
 
 
-@kernel
+@inlined_kernel
 def gather_head(mem, seg_addr, seg_len, seg_flags, first, last, out):
     """Copy up to len(out) device-readable bytes of a chain into out; returns bytes copied."""
     got = 0
@@ -56,7 +56,7 @@ def gather_head(mem, seg_addr, seg_len, seg_flags, first, last, out):
     return got
 
 
-@kernel
+@inlined_kernel
 def classify_frame(frame, n, counters):
     """Count one Ethernet frame (frame[0:n], virtio-net header already stripped) by protocol."""
     if n < 14:
@@ -130,7 +130,7 @@ def classify_chain(mem, seg_addr, seg_len, seg_flags, start, end, scratch, count
         counters[C_SHORT] += 1
 
 
-@kernel
+@inlined_kernel
 def prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n):
     """Start loading the first cache line of every popped frame the fast path did not already
     (hosts[k] == 0). The driver's core has just written them, so each is a cache miss; issued
@@ -145,7 +145,7 @@ def prefetch_headers(mem, seg_addr, seg_flags, chain_end, hosts, n):
         start = chain_end[k]
 
 
-@kernel
+@inlined_kernel
 def tx_drop_burst(mem, q, views, max_chains, heads, chain_end, seg_addr, seg_len, seg_flags,
                   hosts, scratch, counters):
     """One burst: pop, classify, complete, publish. Returns chains done (-1: queue broken).
