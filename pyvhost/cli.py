@@ -131,6 +131,10 @@ def add_net_options(net: argparse.ArgumentParser) -> None:
     net.add_argument("--rx-backlog", type=int, default=1024, metavar="FRAMES",
                      help="frames that may wait per RX queue for guest buffers; more are "
                           "dropped and counted (default 1024)")
+    net.add_argument("--tap-io", choices=("auto", "uring", "writev"), default="auto",
+                     help="how TX frames are written to a TAP sink: a burst's writes in one "
+                          "io_uring_enter, or one writev(2) a frame (default auto: io_uring "
+                          "where the host allows it)")
     net.add_argument("--queue-pairs", "--queues", type=int, default=1,
                      help="RX/TX queue pairs (MQ when more than one; control queue at 2N)")
 
@@ -180,11 +184,18 @@ def build_net(args: argparse.Namespace, cls: type[Device]) -> DeviceSetup:
     except (OSError, ValueError) as exc:
         endpoints.close()
         raise SetupError(f"cannot open {args.sink} / {args.source}: {exc}") from None
+    if args.sink.startswith("tap:"):
+        from pyvhost.devices.net.endpoints import resolve_tap_io
+        try:
+            resolve_tap_io(args.tap_io)
+        except ValueError as exc:
+            endpoints.close()
+            raise SetupError(f"--tap-io {args.tap_io}: {exc}") from None
 
     def device() -> Device:
         return net_cls(args.queue_pairs, args.sink, mac=args.mac or DEFAULT_MAC,
                        mtu=args.mtu, source=args.source, endpoints=endpoints,
-                       rx_backlog=args.rx_backlog)
+                       rx_backlog=args.rx_backlog, tap_io=args.tap_io)
 
     return DeviceSetup(factory=device, close=endpoints.close)
 

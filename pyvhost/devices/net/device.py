@@ -86,7 +86,8 @@ class NetDevice(Device):
 
     def __init__(self, queue_pairs: int = 1, sink: str = "drop", mac: bytes = DEFAULT_MAC,
                  max_burst: int = 256, *, mtu: int | None = None, source: str | None = None,
-                 endpoints: Endpoints | None = None, rx_backlog: int = 1024) -> None:
+                 endpoints: Endpoints | None = None, rx_backlog: int = 1024,
+                 tap_io: str = "auto") -> None:
         super().__init__()
         if queue_pairs < 1 or len(mac) != 6:
             raise ValueError("need at least one queue pair and a 6-byte MAC")
@@ -113,7 +114,7 @@ class NetDevice(Device):
         self._one_pass = one_pass_window()  # calls without a window: drain, then return
         # TX sinks other than drop, and RX sources. Raises ValueError on a bad sink or source.
         self.io = NetIo(queue_pairs, sink, source, endpoints=endpoints, mtu=mtu,
-                        rx_backlog=rx_backlog, max_burst=max_burst)
+                        rx_backlog=rx_backlog, max_burst=max_burst, tap_io=tap_io)
         self.device_features |= self.io.offload_features  # offloads.py: a TAP's, if any
 
     @property
@@ -159,6 +160,9 @@ class NetDevice(Device):
         if self.is_tx(queue.index):
             self._scratch[queue.index].resize(queue.size)
         self.io.on_queue_started(queue)
+
+    def on_queue_stopped(self, queue: SplitQueue) -> None:
+        self.io.on_queue_stopped(queue)
 
     def uses_burst_kernel(self, index: int) -> bool:
         return index != self.ctrl_index  # the control queue: handle(), one command a request

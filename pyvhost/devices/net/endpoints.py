@@ -7,7 +7,9 @@
 
 Queue pair k (RX ring 2k, TX ring 2k+1) has:
 - TX to a TAP alone: `tap_kernels.tap_tx_poll` (compiled) pops bursts of TX chains and writes
-  each chain's buffers to TAP fd k with one writev(2) straight from guest memory;
+  each chain's buffers to TAP fd k straight from guest memory: a burst's writes in one
+  io_uring_enter(2) through the TX ring's own io_uring (`tap_io` "uring"; "auto" picks it
+  where the host allows io_uring), or one writev(2) a frame ("writev");
 - TX looped back alone: `loop_kernels.loop_tx_poll` (compiled) copies each TX chain straight
   into RX backlog k and signals the RX side's wake-up eventfd once per call; when one worker
   serves both rings of the pair, `loop_kernels.loop_pair_poll` copies and delivers in one
@@ -65,6 +67,7 @@ from pyvhost.devices.net.tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
 from pyvhost.ring.direct_map import NO_VIEWS, RingViews
+from pyvhost.ring import uring as U
 from pyvhost.ring.jit import overload_entry
 from pyvhost.ring.poll import PollWindow, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue
@@ -79,6 +82,9 @@ DEFAULT_RX_BACKLOG = 1024
 L2_OVERHEAD = 18
 # gen:SIZE: Ethernet + IPv4 + UDP headers, the smallest frame it makes.
 GEN_MIN_SIZE = 14 + 20 + 8
+TAP_IO_MODES = ("auto", "uring", "writev")
+# SQEs of a TX ring's io_uring: a TAP TX burst's writes (TAP_TX_BURST) with room to spare.
+TAP_URING_ENTRIES = 64
 
 
 @dataclass(frozen=True)
@@ -261,13 +267,49 @@ class _Segments:
         self.frame = np.zeros(NK.HEADER_BYTES, dtype=np.uint8)  # headers to classify
 
 
+class _TapWrites:
+    """How one TX ring writes to its TAP: its own io_uring (set up when the ring starts, closed
+    when it stops: one worker at a time serves a ring), or, with `uring` None, writev(2), for
+    which the kernel gets placeholder arrays whose fd is -1."""
+
+    def __init__(self, uring: U.Uring | None = None) -> None:
+        self.uring = uring
+        if uring is None:
+            self.ur = np.full(U.UR_LEN, -1, dtype=np.int64)
+            self.sqes = np.zeros(U.SQE_WORDS, dtype=np.uint64)
+            self.cqes = np.zeros(U.CQE_WORDS, dtype=np.int64)
+        else:
+            self.ur, self.sqes, self.cqes = uring.ur, uring.sqes, uring.cqes
+        self.cq_user = np.zeros(TAP_URING_ENTRIES, dtype=np.int64)
+        self.cq_res = np.zeros(TAP_URING_ENTRIES, dtype=np.int64)
+
+    def close(self) -> None:
+        if self.uring is not None:
+            self.uring.close()
+
+
+def resolve_tap_io(mode: str) -> str:
+    """"uring" or "writev" for a `tap_io` setting; ValueError if "uring" cannot be had."""
+    if mode not in TAP_IO_MODES:
+        raise ValueError(f"TAP I/O {mode!r}: not one of {', '.join(TAP_IO_MODES)}")
+    if mode == "writev":
+        return mode
+    ok, why = U.available()
+    if ok:
+        return "uring"
+    if mode == "uring":
+        raise ValueError(f"TAP I/O uring: io_uring is not available here ({why})")
+    log.info("io_uring not available (%s): TAP writes use writev(2)", why)
+    return "writev"
+
+
 class NetIo:
     """The TX sink and RX source of one NetDevice (see the module doc)."""
 
     def __init__(self, queue_pairs: int, sink: str | Endpoint = "drop",
                  source: str | Endpoint | None = None, *, endpoints: Endpoints | None = None,
                  mtu: int | None = None, rx_backlog: int = DEFAULT_RX_BACKLOG,
-                 max_burst: int = 256) -> None:
+                 max_burst: int = 256, tap_io: str = "auto") -> None:
         self.sink = sink if isinstance(sink, Endpoint) else parse_endpoint(sink, SINK_KINDS)
         self.source = source if source is None or isinstance(source, Endpoint) else \
             parse_endpoint(source, SOURCE_KINDS)
@@ -299,6 +341,11 @@ class NetIo:
         # Loopback alone runs a queue pair's two rings in one loop when one worker serves both.
         self.loops_in_pairs = self.loopback and not self.tx_ring
         self.tx_segs = [_Segments(max_burst) for _ in range(queue_pairs)]
+        # TAP writes straight from guest memory: io_uring or writev (per TX ring, _TapWrites).
+        self.tap_io = resolve_tap_io(tap_io) if self.tap is not None and not self.tx_ring \
+            else "writev"
+        self.tap_writes = [_TapWrites() for _ in range(queue_pairs)]
+        self._tap_uring_writes = 0  # WRITEVs submitted through rings since closed
         self.tx_extra = np.zeros((queue_pairs, RK.TX_EXTRA_LEN), dtype=np.int64)
         self.pcap_out = np.zeros(max_burst * (RK.PCAP_RECORD_HDR + self.slot), dtype=np.uint8) \
             if self.pcap is not None else np.zeros(0, dtype=np.uint8)
@@ -341,12 +388,32 @@ class NetIo:
         pair = queue.index // 2
         if pair < self.queue_pairs:
             (self.tx_segs if queue.index % 2 else self.rx_segs)[pair].resize(queue.size)
+            if queue.index % 2 and self.tap_io == "uring":
+                self._set_tap_writes(pair, self._tap_uring(pair))
             if not queue.index % 2 and self.rx_tap is not None:
                 # Frames the host sent into the TAP while no guest ring was there (before the
                 # VM started, or while it migrated here) are stale: drop them, as DPDK's TAP
                 # PMD does, rather than hand a guest seconds-old ARPs and MLD reports.
                 self.rx_stale += int(TK.drain_fd(self.rx_tap.fds[pair], self._drain_buf,
                                                  STALE_DRAIN_LIMIT))
+
+    def on_queue_stopped(self, queue: SplitQueue) -> None:
+        pair = queue.index // 2
+        if queue.index % 2 and pair < self.queue_pairs:
+            self._set_tap_writes(pair, None)
+
+    def _tap_uring(self, pair: int) -> U.Uring | None:
+        try:
+            return U.Uring(TAP_URING_ENTRIES)
+        except OSError as exc:  # e.g. RLIMIT_MEMLOCK on an old kernel: this ring writes(2)
+            _log_once(f"TX ring {2 * pair + 1}: no io_uring ({exc}); TAP writes use writev(2)")
+            return None
+
+    def _set_tap_writes(self, pair: int, uring: U.Uring | None) -> None:
+        old, self.tap_writes[pair] = self.tap_writes[pair], _TapWrites(uring)
+        if old.uring is not None:
+            self._tap_uring_writes += int(old.ur[U.UR_SUBMITTED])
+        old.close()
 
     def set_features(self, features: int) -> None:
         """The driver's features (rings paused or not yet started): enable the offloads it
@@ -405,10 +472,12 @@ class NetIo:
             return max(int(done), 0), bool(notify)
         if not self.tx_ring:  # a TAP is the only sink: straight from guest memory
             assert self.tap is not None
+            tw = self.tap_writes[pair]
             done, notify = self._call("tap_tx", TK.tap_tx_poll, views, (
-                mem, queue.q, views, self.tap.fds[pair], min(self.max_burst, TK.TAP_TX_BURST),
-                w.cycles, w.idle_cycles, w.leave, s.chain_heads, s.chain_ends, s.seg_addr,
-                s.seg_len, s.seg_flags, s.iov, s.frame, counters, extra))
+                mem, queue.q, views, self.tap.fds[pair], tw.ur, tw.sqes, tw.cqes,
+                min(self.max_burst, TK.TAP_TX_BURST), w.cycles, w.idle_cycles, w.leave,
+                s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.iov,
+                tw.cq_user, tw.cq_res, s.frame, counters, extra))
             self._check_tx_errors(pair)
             return max(int(done), 0), bool(notify)
         ring = self.tx_ring[pair]
@@ -530,11 +599,17 @@ class NetIo:
             "tx_dropped": int(self.tx_extra[:, [RK.TX_OVERSIZE, RK.TX_SHORT,
                                                 RK.TX_WRITE_ERRORS]].sum()),
             "tx_write_errors": int(self.tx_extra[:, RK.TX_WRITE_ERRORS].sum()),
+            # Frames written to the TAP through io_uring (the others: writev(2), or none).
+            "tx_tap_uring_writes": self._tap_uring_writes + sum(
+                int(t.ur[U.UR_SUBMITTED]) for t in self.tap_writes if t.uring is not None),
             "rx_read_errors": sum(int(r.ctl[RK.R_READ_ERRORS]) for r in self.rx_ring),
         }
 
     def close(self) -> None:
-        """Close the endpoints if this object opened them itself (no `endpoints` given)."""
+        """Close the TX rings' io_urings, and the endpoints if this object opened them itself
+        (no `endpoints` given)."""
+        for pair in range(self.queue_pairs):
+            self._set_tap_writes(pair, None)
         if self.owns_endpoints:
             self.endpoints.close()
 
@@ -567,9 +642,10 @@ def warm_up() -> None:
     RK.tx_gather(mem, q.q, NO_VIEWS, 1, s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len,
                  s.seg_flags, s.hosts, ring.data, ring.lens, ring.ctl, counters, extra)
     # The TAP kernels, as NetIo calls them (fd -1: any call fails at once, EBADF).
-    TK.tap_tx_poll(mem, q.q, NO_VIEWS, -1, 1, w.cycles, w.idle_cycles, w.leave, s.chain_heads,
-                   s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags, s.iov, s.frame, counters,
-                   extra)
+    tw = _TapWrites()
+    TK.tap_tx_poll(mem, q.q, NO_VIEWS, -1, tw.ur, tw.sqes, tw.cqes, 1, w.cycles, w.idle_cycles,
+                   w.leave, s.chain_heads, s.chain_ends, s.seg_addr, s.seg_len, s.seg_flags,
+                   s.iov, tw.cq_user, tw.cq_res, s.frame, counters, extra)
     TK.tap_rx_poll(mem, q.q, NO_VIEWS, -1, True, 1, w.cycles, w.idle_cycles, w.leave,
                    s.seg_addr, s.seg_len, s.seg_flags, s.chain_heads, s.chain_ends, other.data,
                    other.lens, other.ctl, np.zeros(64, dtype=np.uint8), counters)
