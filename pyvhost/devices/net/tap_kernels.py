@@ -42,8 +42,8 @@ from pyvhost.ring.poll import read_cycles, window_goes_on
 
 # Linux's UIO_MAXIOV: a chain in more pieces than this is not written (counted oversize).
 IOV_MAX = 1024
-# Frames per TX burst: one writev each, and the kernel runs the TAP's receive path in the
-# writer's context, so a burst takes ~1 us a frame; the used ring is published after it. 32
+# Frames per TX burst: one write each (batched in one io_uring_enter, or writev), and the kernel
+# runs the TAP's receive path in the writer's context, so a burst takes ~1 us a frame; the used ring is published after it. 32
 # (DPDK's burst) keeps the driver's TX ring from waiting on a long burst.
 TAP_TX_BURST = 32
 
