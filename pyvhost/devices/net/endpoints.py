@@ -66,8 +66,8 @@ from pyvhost.devices.net.pcap import PcapWriter
 from pyvhost.devices.net.tap import Tap
 from pyvhost.fd import OwnedFd
 from pyvhost.memory.table import KernelMemory
-from pyvhost.ring.direct_map import NO_VIEWS, RingViews
 from pyvhost.ring import uring as U
+from pyvhost.ring.direct_map import NO_VIEWS, RingViews
 from pyvhost.ring.jit import overload_entry
 from pyvhost.ring.poll import PollWindow, one_pass_window
 from pyvhost.ring.split_queue import SplitQueue

@@ -13,9 +13,9 @@ them, decide on the interrupt. The writes are io_uring WRITEVs, the burst's in o
 io_uring_enter(2) (`ring/uring.py`), when the queue has a ring; else one writev(2) a frame, as
 DPDK's TAP PMD makes. A system call costs some 0.2-0.4 us on this machine kind against about
 1 us of the TAP's own work per frame: batching them took 64-byte frames from 0.75-0.87 to
-1.17-1.24 Mpps in a bare loop (one core, both ways alternated). A write the TAP refuses (a header it rejects, the link down) is counted
-(TX_WRITE_ERRORS, the last errno kept) and the chain completed all the same: a NIC drops
-what it cannot send.
+1.17-1.24 Mpps in a bare loop (one core, both ways alternated). A write the TAP refuses (a
+header it rejects, the link down) is counted (TX_WRITE_ERRORS, the last errno kept) and the
+chain completed all the same: a NIC drops what it cannot send.
 
 RX (`tap_rx_poll`): the frames wait in the queue's bounded backlog frame ring
 (`frame_kernels`), so RX keeps the semantics the rest of the device has: deliver the backlog
@@ -36,15 +36,16 @@ from pyvhost.ring import kernels as K
 from pyvhost.ring import uring as U
 from pyvhost.ring.barriers import fence_acquire, fence_release
 from pyvhost.ring.fdcalls import EAGAIN, EINTR, errno_value, sys_read, sys_write, sys_writev
-from pyvhost.ring.hostmem import load_u32, store_u32
+from pyvhost.ring.hostmem import store_u32
 from pyvhost.ring.jit import inlined_kernel, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
 # Linux's UIO_MAXIOV: a chain in more pieces than this is not written (counted oversize).
 IOV_MAX = 1024
-# Frames per TX burst: one write each (batched in one io_uring_enter, or writev), and the kernel
-# runs the TAP's receive path in the writer's context, so a burst takes ~1 us a frame; the used ring is published after it. 32
-# (DPDK's burst) keeps the driver's TX ring from waiting on a long burst.
+# Frames per TX burst: one write each (batched in one io_uring_enter, or writev), and the
+# kernel runs the TAP's receive path in the writer's context, so a burst takes ~1 us a frame;
+# the used ring is published after it. 32 (DPDK's burst) keeps the driver's TX ring from
+# waiting on a long burst.
 TAP_TX_BURST = 32
 
 
@@ -77,17 +78,22 @@ def chain_iov(mem, seg_addr, seg_len, seg_flags, start, end, iov, at):
 
 
 @inlined_kernel
+def write_failed(extra):
+    """After a write to the TAP returned -1: True to try it again (EINTR); otherwise the
+    failure is counted (TX_WRITE_ERRORS, its errno in TX_LAST_ERRNO) and the frame dropped."""
+    e = errno_value()
+    if e == EINTR:
+        return True
+    extra[RK.TX_WRITE_ERRORS] += 1
+    extra[RK.TX_LAST_ERRNO] = e
+    return False
+
+
+@inlined_kernel
 def write_chain(fd, iov_addr, count, extra):
-    """One writev(2) of a chain's iovecs; a failure is counted (TX_WRITE_ERRORS, errno kept)."""
-    while True:
-        r = sys_writev(fd, iov_addr, count)
-        if r >= 0:
-            return
-        e = errno_value()
-        if e != EINTR:
-            extra[RK.TX_WRITE_ERRORS] += 1
-            extra[RK.TX_LAST_ERRNO] = e
-            return
+    """One writev(2) of a chain's iovecs; a failure is counted (write_failed)."""
+    while sys_writev(fd, iov_addr, count) < 0 and write_failed(extra):
+        pass
 
 
 @inlined_kernel
@@ -100,12 +106,12 @@ def uring_flush(ur, sqes, cqes, cq_user, cq_res, extra):
     pending = U.sq_publish(ur)
     if pending == 0:
         return
-    r = U.enter(ur, pending, pending, U.IORING_ENTER_GETEVENTS)
-    taken = max(r, 0)
-    if taken < pending:
-        head = np.int64(load_u32(ur[U.UR_SQ_HEAD]))
+    U.enter(ur, pending, pending, U.IORING_ENTER_GETEVENTS)
+    left = U.sq_unconsumed(ur)
+    taken = pending - left
+    if left > 0:
         tail = ur[U.UR_SQ_LOCAL_TAIL]
-        taken = pending - ((tail - head) & U.U32)
+        head = (tail - left) & U.U32
         slot = head
         while slot != tail:
             b = (slot & ur[U.UR_SQ_MASK]) * U.SQE_WORDS
@@ -342,14 +348,10 @@ def ring_to_fd(fd, data, lens, ctl, extra):
         slot = head & (cap - 1)
         n = min(lens[slot], slot_size)
         while True:
-            r = sys_write(fd, base + slot * slot_size, n)
-            if r >= 0:
+            if sys_write(fd, base + slot * slot_size, n) >= 0:
                 ok += 1
                 break
-            e = errno_value()
-            if e != EINTR:
-                extra[RK.TX_WRITE_ERRORS] += 1
-                extra[RK.TX_LAST_ERRNO] = e
+            if not write_failed(extra):
                 break
         head += 1
     fence_release()
