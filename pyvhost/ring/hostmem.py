@@ -73,6 +73,23 @@ store_u16_unaligned = _store(16, types.uint16, atomic=False)
 store_u64_unaligned = _store(64, types.uint64, atomic=False)
 
 
+def _plain_load(bits: int, nbtype):
+    """A plain `bits`-bit load at a host address, any alignment."""
+    @intrinsic
+    def load(typingctx, addr):
+        def codegen(context, builder, signature, args):
+            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
+            return builder.load(ptr, align=1)
+        return nbtype(types.int64), codegen
+    return load
+
+
+# Their loads: to see whether a buffer already holds what would be stored (a store that
+# changes nothing still takes the line from the other core's cache).
+load_u16_unaligned = _plain_load(16, types.uint16)
+load_u64_unaligned = _plain_load(64, types.uint64)
+
+
 @intrinsic
 def atomic_or_u8(typingctx, addr, value):
     """`*addr |= value` as one atomic read-modify-write (LLVM `atomicrmw or`; x86 `lock or`,
@@ -120,6 +137,22 @@ def popcount(typingctx, value):
         fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.ctpop.i64")
         return builder.call(fn, [val])
     return types.int64(value), codegen
+
+
+@intrinsic
+def store_line_streaming(typingctx, dst, src):
+    """The 64 bytes at host address src (any alignment) to the cache line at host address dst
+    (64-aligned) with a non-temporal store (x86 MOVNTDQ): the line goes to memory without
+    being taken into this core's cache, and any other core's copy is dropped. Weakly ordered:
+    `barriers.fence_streaming_stores` must come before the store that publishes it."""
+    def codegen(context, builder, signature, args):
+        line = ir.VectorType(ir.IntType(64), 8)
+        value = builder.load(builder.inttoptr(args[1], line.as_pointer()), align=1)
+        store = builder.store(value, builder.inttoptr(args[0], line.as_pointer()), align=64)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.void(types.int64, types.int64), codegen
 
 
 def _prefetch(rw: int):

@@ -47,15 +47,21 @@ from numba.core import cgutils
 
 from pyvhost.devices.net import tx_drop as NK
 from pyvhost.ring import kernels as K
-from pyvhost.ring.barriers import fence_acquire, fence_release
+from pyvhost.ring.barriers import fence_acquire, fence_release, fence_streaming_stores
 from pyvhost.ring.errors import RingErrorCode as E
-from pyvhost.ring.hostmem import (prefetch, prefetch_write, store_u16_unaligned,
+from pyvhost.ring.hostmem import (load_u16_unaligned, load_u64_unaligned, prefetch,
+                                  prefetch_write, store_line_streaming, store_u16_unaligned,
                                   store_u64_unaligned)
 from pyvhost.ring.jit import inlined_kernel, intrinsic, kernel
 from pyvhost.ring.poll import read_cycles, window_goes_on
 
 HDR = 12                # struct virtio_net_hdr_mrg_rxbuf (VERSION_1 always has num_buffers)
 NUM_BUFFERS_OFF = 10
+# Frames of at most this many bytes (header excluded) go into a one-buffer RX chain with
+# non-temporal stores (copy_streaming). Measured in the loopback, per size (docs/benchmark.md):
+# 64 and 128 bytes faster with them with the vCPUs close and far; 256 slower when close
+# (9-10 vs 14-16 Mpps), 1518 slower (3.6 vs 4.5).
+STREAM_MAX = 128
 
 # Frame ring control slots.
 R_HEAD = 0              # frames consumed (consumer writes)
@@ -245,14 +251,13 @@ def _pop_lone_burst(mem, q, views, n, head, lens, heads, hosts, gpas):
     """The direct map's receive fast path, for a whole burst: pop the next chains, up to n,
     while each is one writable buffer inside one region that holds its frame (frame ring
     slots head, head+1, ...); their heads, host and guest addresses go to heads, hosts,
-    gpas, and the lines the frames will fill are asked for (for write) at once. Returns the
-    chains popped.
+    gpas, and the lines the frames will fill are asked for at once: for write where the
+    copy will store into the cache, for read (the header) where it may only compare.
+    Returns the chains popped.
 
     Why a burst: the driver refills the ring right behind the entries we consume, in the
     same cache lines; each is read once here (not once to prefetch, again to pop), and
-    the writes into the guest's buffers are all started before the first copy, so their
-    waits for lines the driver's core read last overlap. (Against the 64-byte loopback's
-    and packed RX's slow mode it measured level: docs/benchmark.md.)"""
+    the misses of the whole burst overlap instead of stalling each copy in turn."""
     cap = lens.shape[0]
     for i in range(n):
         total = lens[(head + i) & (cap - 1)]
@@ -262,8 +267,10 @@ def _pop_lone_burst(mem, q, views, n, head, lens, heads, hosts, gpas):
         heads[i] = h
         hosts[i] = host
         gpas[i] = gpa
-        prefetch_write(host)
-        prefetch_write(host + total - 1)
+        prefetch(host)
+        if total - HDR > STREAM_MAX:
+            prefetch_write(host + HDR)
+            prefetch_write(host + total - 1)
     return n
 
 
@@ -271,13 +278,29 @@ def _pop_lone_burst(mem, q, views, n, head, lens, heads, hosts, gpas):
 def _deliver_lone_burst(mem, q, views, n, head, data, lens, ctl, heads, hosts, gpas,
                         counters):
     """Copy the frames of slots head .. head+n-1 into the buffers `_pop_lone_burst` popped,
-    header included, and write their used elements. False: the queue broke."""
+    then write their headers and used elements. False: the queue broke.
+
+    All the frames first, as DPDK's batched copies: their stores follow one another instead
+    of waiting behind each frame's header and used element. A small frame (STREAM_MAX) is
+    written with non-temporal stores (`copy_streaming`)."""
     cap = lens.shape[0]
+    streamed = False
+    for i in range(n):
+        slot = (head + i) & (cap - 1)
+        size = lens[slot] - HDR
+        if size <= STREAM_MAX:
+            copy_streaming(hosts[i] + HDR, data[slot], HDR, size)
+            streamed = True
+        else:
+            array_to_host(hosts[i] + HDR, data[slot], HDR, size)
+    if streamed:
+        fence_streaming_stores()  # before the used index that hands the buffers over
     for i in range(n):
         slot = (head + i) & (cap - 1)
         total = lens[slot]
-        if not _fill_lone_buffer(mem, q, views, heads[i], hosts[i], gpas[i], data[slot],
-                                 total, ctl):
+        write_rx_header(hosts[i], data[slot], ctl)
+        K.log_write(mem, q, gpas[i], total)
+        if not K.add_used(mem, q, views, heads[i], total):
             return False
         counters[RX_PACKETS] += 1
         counters[RX_BYTES] += total - HDR
@@ -285,19 +308,66 @@ def _deliver_lone_burst(mem, q, views, n, head, data, lens, ctl, heads, hosts, g
 
 
 @inlined_kernel
+def copy_streaming(host, buf, off, n):
+    """buf[off:off+n] to host address `host`: the whole cache lines of the destination with
+    non-temporal stores, the partial ones at either end as usual.
+
+    Why: a driver that recycles its receive buffers has read the last frame in each (DPDK
+    counts multicast from the destination MAC), so its core holds a copy of the line. An
+    ordinary store must first take the line from that core, and those upgrades did not
+    overlap: while the host kept the two vCPUs far apart (a one-way handoff of about 160 ns
+    instead of 31) the 64-byte loopback spent about 330 cycles a frame on its RX copies and
+    ran at 5-6 Mpps. A streaming store needs no line: those copies took 80-100 cycles and the
+    loop 7-8 Mpps; with the vCPUs close, 40 instead of 90 cycles (docs/benchmark.md). Only
+    for small frames (STREAM_MAX): the lines go to memory, not to our cache or the driver's,
+    and whoever reads a large frame whole then fetches it from there (the 1518-byte loopback
+    ran at 3.6 instead of 4.5 Mpps)."""
+    end = host + n
+    line = (host + 63) & ~63
+    if line + 64 > end:
+        array_to_host(host, buf, off, n)
+        return
+    if line > host:
+        array_to_host(host, buf, off, line - host)
+    src = buf.ctypes.data + off - host
+    while line + 64 <= end:
+        store_line_streaming(line, src + line)
+        line += 64
+    if line < end:
+        array_to_host(line, buf, off + (line - host), end - line)
+
+
+@inlined_kernel
+def write_rx_header(host, buf, ctl):
+    """The virtio-net header of a one-buffer frame at host, from its slot `buf`: without
+    offloads flags and GSO fields are zero (5.1.6.4.1); with them (a TAP source, GUEST_CSUM
+    negotiated) they are the TAP's, for the driver to act on; num_buffers 1.
+
+    Each field is stored only where the buffer does not hold it already (as DPDK's
+    ASSIGN_UNLESS_EQUAL). A driver that recycles its buffers (DPDK's virtio-user: the header
+    sits in the line before the frame, which its RX reads and its TX clears only where not
+    zero) leaves them holding the header we wrote last time, so the line stays shared by
+    both cores; a store would take it from the driver's core, one more cross-core transfer
+    a frame (docs/benchmark.md, the slow mode)."""
+    flags = np.uint64(0)
+    gso = np.uint16(0)
+    if ctl[R_KEEP_HDR] != 0:
+        flags = load_u64_unaligned(buf.ctypes.data)
+        gso = load_u16_unaligned(buf.ctypes.data + 8)
+    if load_u64_unaligned(host) != flags:
+        store_u64_unaligned(host, flags)
+    if load_u16_unaligned(host + 8) != gso:
+        store_u16_unaligned(host + 8, gso)
+    if load_u16_unaligned(host + NUM_BUFFERS_OFF) != 1:
+        store_u16_unaligned(host + NUM_BUFFERS_OFF, 1)
+
+
+@inlined_kernel
 def _fill_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl):
     """A frame (slot `buf`, `total` bytes with its header) into the one writable buffer of
     chain `chain_head` at host/gpa, and its used element. False: the queue broke."""
-    array_to_host(host, buf, 0, total)
-    # Header: without offloads flags and GSO fields are zero (5.1.6.4.1); with them (a TAP
-    # source, GUEST_CSUM negotiated) they are the TAP's, for the driver to act on. Stored in
-    # guest memory after the copy, not in the slot before it: the copy's wide loads of bytes
-    # that narrower stores just wrote cannot be forwarded from the store buffer and would
-    # wait for every earlier store, the previous frames' among them.
-    if ctl[R_KEEP_HDR] == 0:
-        store_u64_unaligned(host, 0)
-        store_u16_unaligned(host + 8, 0)
-    store_u16_unaligned(host + NUM_BUFFERS_OFF, 1)
+    array_to_host(host + HDR, buf, HDR, total - HDR)
+    write_rx_header(host, buf, ctl)
     K.log_write(mem, q, gpa, total)
     return K.add_used(mem, q, views, chain_head, total)
 
