@@ -104,6 +104,7 @@ def loop_pair_poll(mem, txq, tx_views, rxq, rx_views, wake_fd, mergeable, max_ch
     buffers = 0
     tx_notify = False
     rx_notify = False
+    cap = lens.shape[0]
     start = read_cycles()
     last_work = start
     while True:
@@ -122,6 +123,17 @@ def loop_pair_poll(mem, txq, tx_views, rxq, rx_views, wake_fd, mergeable, max_ch
                 return chains, tx_notify, -1, False
             buffers += used
             rx_notify = rx_notify or notify
+        tail = ctl[RK.R_TAIL]
+        if tail == ctl[RK.R_HEAD] and tail & (cap - 1) != 0:
+            # Empty: the next burst starts again at slot 0 (both positions move to the next
+            # multiple of the capacity; this thread is the ring's only producer and consumer).
+            # Frames then cross through the same few slots, which stay in this core's cache,
+            # as DPDK's mbufs do (its mempool cache is LIFO). Walking the whole backlog instead
+            # (1024 slots of 2 KiB, more than the L2) ran the 1518-byte loopback at 3-4.7 Mpps
+            # where a 64-frame backlog ran at 7-9 (docs/benchmark.md).
+            tail = (tail + cap - 1) & ~(cap - 1)
+            ctl[RK.R_TAIL] = tail
+            ctl[RK.R_HEAD] = tail
         if tx_notify or rx_notify:
             break
         go_on, last_work = window_goes_on(leave, n > 0 or frames > 0, start, last_work,
