@@ -47,22 +47,26 @@ def _deliver(mode: str, shapes: list[str], sizes: list[int], mergeable: bool):
             ring.data[slot, RK.HDR:RK.HDR + size] = (np.arange(size) + 7 * k) & 0xFF
             ring.lens[slot] = RK.HDR + size
         ring.ctl[RK.R_TAIL] = len(sizes)
-        segs = _Segments(32)
-        segs.resize(64)
-        counters = np.zeros(RK.RX_COUNTERS_LEN, np.int64)
-        table = memory.table
-        views = queue.round_views(table)
-        result = RK.rx_deliver(table.kernel(), queue.q, views, mergeable, 32, segs.seg_addr,
-                               segs.seg_len, segs.seg_flags, segs.chain_heads, segs.chain_ends,
-                               ring.data, ring.lens, ring.ctl, counters)
+        result, counters = _rx_deliver(queue, memory, ring, mergeable)
         used = driver.used(strict=False)
         written = [driver.written_data(head, length) for head, length in used]
-        out = (tuple(int(x) for x in result), used, written, queue.q.tolist(),
-               counters.tolist(), ring.ctl.tolist())
-        del views
+        out = (result, used, written, queue.q.tolist(), counters.tolist(), ring.ctl.tolist())
         queue.drop_views()
         memory.close()
         return out
+
+
+def _rx_deliver(queue, memory, ring: FrameRing, mergeable: bool):
+    """One rx_deliver of `ring`'s frames into `queue` (burst 32). Returns (its result as
+    ints, the RX counters)."""
+    segs = _Segments(32)
+    segs.resize(64)
+    counters = np.zeros(RK.RX_COUNTERS_LEN, np.int64)
+    views = queue.round_views(memory.table)
+    result = RK.rx_deliver(memory.table.kernel(), queue.q, views, mergeable, 32, segs.seg_addr,
+                           segs.seg_len, segs.seg_flags, segs.chain_heads, segs.chain_ends,
+                           ring.data, ring.lens, ring.ctl, counters)
+    return tuple(int(x) for x in result), counters
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -117,18 +121,11 @@ def test_small_frames_land_whole_at_any_alignment_over_stale_bytes(frames, keep_
             expected.append(kept + b"\x01\x00" + frame + bytes([0xA5 ^ k]) * 16)
         ring.ctl[RK.R_TAIL] = len(frames)
         ring.ctl[RK.R_KEEP_HDR] = int(keep_header)
-        segs = _Segments(32)
-        segs.resize(64)
-        counters = np.zeros(RK.RX_COUNTERS_LEN, np.int64)
-        views = queue.round_views(memory.table)
-        result = RK.rx_deliver(memory.table.kernel(), queue.q, views, True, 32, segs.seg_addr,
-                               segs.seg_len, segs.seg_flags, segs.chain_heads, segs.chain_ends,
-                               ring.data, ring.lens, ring.ctl, counters)
-        assert tuple(int(x) for x in result[:2]) == (len(frames), len(frames))
+        result, _counters = _rx_deliver(queue, memory, ring, True)
+        assert result[:2] == (len(frames), len(frames))
         assert driver.used() == [(h, RK.HDR + size) for h, (size, _o) in zip(heads, frames)]
         for k, (size, offset) in enumerate(frames):
             assert ram.read(base + k * span + offset, RK.HDR + size + 16) == expected[k], k
         assert queue.q[RK.K.Q_FLAGS] & RK.K.F_DIRECT  # the fast path served them
-        del views
         queue.drop_views()
         memory.close()

@@ -31,12 +31,16 @@ def store_u8(typingctx, addr, value):
     return types.void(types.int64, value), codegen
 
 
-def _atomic_load(bits: int, nbtype):
+def _load(bits: int, nbtype, *, atomic: bool):
+    """A `bits`-bit load at a host address: atomic (relaxed; the address naturally aligned),
+    or a plain one at any alignment."""
     @intrinsic
     def load(typingctx, addr):
         def codegen(context, builder, signature, args):
             ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
-            return builder.load_atomic(ptr, "monotonic", bits // 8)
+            if atomic:
+                return builder.load_atomic(ptr, "monotonic", bits // 8)
+            return builder.load(ptr, align=1)
         return nbtype(types.int64), codegen
     return load
 
@@ -62,9 +66,9 @@ def _store(bits: int, nbtype, *, atomic: bool):
 # updates avail->idx and reads used->idx concurrently, so a 16-bit index copied byte by byte
 # can be seen half old, half new (observed against DPDK virtio-user: "avail index moved too
 # far"). Relaxed atomics compile to plain movs on x86; the ring's fences still order them.
-load_u16 = _atomic_load(16, types.uint16)
-load_u32 = _atomic_load(32, types.uint32)
-load_u64 = _atomic_load(64, types.uint64)
+load_u16 = _load(16, types.uint16, atomic=True)
+load_u32 = _load(32, types.uint32, atomic=True)
+load_u64 = _load(64, types.uint64, atomic=True)
 store_u16 = _store(16, types.uint16, atomic=True)
 store_u32 = _store(32, types.uint32, atomic=True)
 # Plain little-endian stores at any alignment, for guest buffers nobody reads concurrently
@@ -73,21 +77,10 @@ store_u16_unaligned = _store(16, types.uint16, atomic=False)
 store_u64_unaligned = _store(64, types.uint64, atomic=False)
 
 
-def _plain_load(bits: int, nbtype):
-    """A plain `bits`-bit load at a host address, any alignment."""
-    @intrinsic
-    def load(typingctx, addr):
-        def codegen(context, builder, signature, args):
-            ptr = builder.inttoptr(args[0], ir.IntType(bits).as_pointer())
-            return builder.load(ptr, align=1)
-        return nbtype(types.int64), codegen
-    return load
-
-
 # Their loads: to see whether a buffer already holds what would be stored (a store that
 # changes nothing still takes the line from the other core's cache).
-load_u16_unaligned = _plain_load(16, types.uint16)
-load_u64_unaligned = _plain_load(64, types.uint64)
+load_u16_unaligned = _load(16, types.uint16, atomic=False)
+load_u64_unaligned = _load(64, types.uint64, atomic=False)
 
 
 @intrinsic

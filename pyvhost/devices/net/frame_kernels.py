@@ -298,9 +298,8 @@ def _deliver_lone_burst(mem, q, views, n, head, data, lens, ctl, heads, hosts, g
     for i in range(n):
         slot = (head + i) & (cap - 1)
         total = lens[slot]
-        write_rx_header(hosts[i], data[slot], ctl)
-        K.log_write(mem, q, gpas[i], total)
-        if not K.add_used(mem, q, views, heads[i], total):
+        if not _finish_lone_buffer(mem, q, views, heads[i], hosts[i], gpas[i], data[slot],
+                                   total, ctl):
             return False
         counters[RX_PACKETS] += 1
         counters[RX_BYTES] += total - HDR
@@ -367,6 +366,13 @@ def _fill_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl):
     """A frame (slot `buf`, `total` bytes with its header) into the one writable buffer of
     chain `chain_head` at host/gpa, and its used element. False: the queue broke."""
     array_to_host(host + HDR, buf, HDR, total - HDR)
+    return _finish_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl)
+
+
+@inlined_kernel
+def _finish_lone_buffer(mem, q, views, chain_head, host, gpa, buf, total, ctl):
+    """After its frame was copied: the header of a one-buffer frame, its pages logged, its
+    used element. False: the queue broke."""
     write_rx_header(host, buf, ctl)
     K.log_write(mem, q, gpa, total)
     return K.add_used(mem, q, views, chain_head, total)
